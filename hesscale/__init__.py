@@ -1,0 +1,34 @@
+"""hesscale: Hessian-diagonal estimates for every parameter at about the cost of a gradient.
+
+Public API:
+    extend(module)            prepare a model or a loss (returns it; idempotent)
+    diagonal(model, loss_fn, x, y, method=...)   one batch's estimate, as {name: tensor}
+    request(params, method)   ask following backward passes for estimates (used by optimizers)
+    register_rule(type, rule) add a rule for a layer of your own
+    UnsupportedModuleError, NonChainForwardError
+"""
+
+from ._engine import ESTIMATE_ATTRIBUTE, estimate_id, extend, is_extended, request
+from ._errors import NonChainForwardError, UnsupportedModuleError
+from ._methods import METHODS
+from .estimators import ESTIMATORS, diagonal
+from .rules import Backprop, LayerContext, register_rule, supported_types
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backprop",
+    "ESTIMATE_ATTRIBUTE",
+    "ESTIMATORS",
+    "LayerContext",
+    "METHODS",
+    "NonChainForwardError",
+    "UnsupportedModuleError",
+    "diagonal",
+    "estimate_id",
+    "extend",
+    "is_extended",
+    "register_rule",
+    "request",
+    "supported_types",
+]

@@ -1,0 +1,314 @@
+"""The HesScale engine: hooks that record a chain forward pass and backpropagate curvature.
+
+How it works
+------------
+``extend(model)`` checks every leaf module against the rule registry and installs forward hooks.
+They do nothing unless an estimate was requested for the model's parameters (by an optimizer
+through :func:`request`, or by :func:`diagonal`), so an extended model trained with plain Adam pays
+one Python call per module and forward.
+
+When an estimate is requested, the forward pass records every leaf call on a :class:`_Tape`,
+checking that the calls form a chain (each module consumes the previous module's output), and
+registers a gradient hook on each module output. The extended loss records how to compute the
+exact diagonal of its Hessian with respect to the network output. During ``loss.backward()``
+autograd reaches the module outputs in reverse order; the hook on the output of module ``i``
+receives ``g_i = ∂L/∂y_i`` and holds ``ŝ_i`` (from the loss, or from module ``i + 1``), applies
+module ``i``'s rule, stores the parameter estimates as ``p.hess_diag`` and leaves ``ŝ`` for
+module ``i − 1``. Curvature thus flows alongside the gradient in the same backward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import NonChainForwardError, UnsupportedModuleError
+from ._methods import METHODS, Method, get_method
+from .rules import loss_rule_for, rule_for
+from .rules._registry import Backprop, LayerContext, Rule
+from .rules.losses import bind_loss_arguments, is_loss
+
+_STATE = "_hesscale_state"
+_LOSS_STATE = "_hesscale_loss_rule"
+_REQUEST = "_hesscale_request"
+_TAPE_TAG = "_hesscale_tape"
+_ESTIMATE_ID = "_hess_diag_id"
+ESTIMATE_ATTRIBUTE = "hess_diag"
+
+_tape_ids = itertools.count(1)
+
+
+@dataclass
+class _Record:
+    """One leaf module call of the forward pass."""
+
+    module: nn.Module
+    path: str
+    rule: Rule
+    input: Tensor | None
+    output: Tensor | None
+    version: int
+
+
+@dataclass
+class _Tape:
+    """The chain of module calls of one forward pass, and the curvature handed between them."""
+
+    method: Method
+    root_input: Tensor | None
+    id: int = field(default_factory=lambda: next(_tape_ids))
+    records: list[_Record] = field(default_factory=list)
+    first: int = 0
+    loss_curvature: object = None  # callable () -> Tensor, set by the extended loss
+    pending: dict[int, Tensor] = field(default_factory=dict)
+
+
+class _ModelState:
+    """What ``extend`` attaches to a model: its leaves, their rules and the current tape."""
+
+    def __init__(self, model: nn.Module):
+        self.root_name = type(model).__name__
+        self.paths: dict[nn.Module, str] = {}
+        self.rules: dict[nn.Module, Rule] = {}
+        for path, module in model.named_modules():
+            if module._parameters and any(True for _ in module.children()):
+                raise UnsupportedModuleError(
+                    f"module '{path or '<root>'}' ({type(module).__name__}) owns parameters "
+                    f"{sorted(module._parameters)} and also has submodules: its forward uses them "
+                    "outside any supported layer. Move them into a layer with a rule."
+                )
+            if not any(True for _ in module.children()):
+                self.rules[module] = rule_for(module, path)
+                self.paths[module] = path or "<root>"
+        self.params = [p for p in model.parameters()]
+        self.forced: Method | None = None
+        self.tape: _Tape | None = None
+
+    # --- forward --------------------------------------------------------------------------
+    def requested_method(self) -> Method | None:
+        """The method asked for by :func:`diagonal` or by the parameters' requests."""
+        if self.forced is not None:
+            return self.forced
+        names = {getattr(p, _REQUEST, None) for p in self.params} - {None}
+        if not names:
+            return None
+        if len(names) > 1:
+            raise ValueError(
+                f"parameters of {self.root_name} request different estimates {sorted(names)}; "
+                "one backward pass computes one method"
+            )
+        return METHODS[names.pop()]
+
+    def on_root_start(self, model, args):
+        method = self.requested_method()
+        if method is None or not torch.is_grad_enabled():
+            self.tape = None
+            return
+        first = args[0] if args and isinstance(args[0], Tensor) else None
+        self.tape = _Tape(method=method, root_input=first)
+
+    def on_leaf(self, module, args, output):
+        tape = self.tape
+        if tape is None:
+            return
+        path = self.paths[module]
+        if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            raise NonChainForwardError(
+                f"module '{path}' ({type(module).__name__}) was called with {len(args)} "
+                "positional inputs or returned a non-tensor; the engine supports chains of "
+                "modules that map one tensor to one tensor"
+            )
+        x = args[0]
+        if any(r.module is module for r in tape.records):
+            raise NonChainForwardError(
+                f"forward of {self.root_name} is not a chain: module '{path}' is called twice "
+                "(reused modules share parameters across positions and are not supported)"
+            )
+        if tape.records:
+            prev = tape.records[-1]
+            if x is not prev.output or x._version != prev.version:
+                raise NonChainForwardError(
+                    f"forward of {self.root_name} is not a chain: module '{path}' "
+                    f"({type(module).__name__}) received a tensor that is not the unmodified "
+                    f"output of the module called before it, '{prev.path}'. Branches, residual "
+                    "additions and functional calls between modules are not supported; express "
+                    "the model as a chain of supported modules (e.g. nn.Flatten instead of "
+                    "x.view, nn.ReLU instead of torch.relu)."
+                )
+        elif x.requires_grad and x is not tape.root_input:
+            raise NonChainForwardError(
+                f"forward of {self.root_name} is not a chain: its first module '{path}' "
+                "receives a tensor computed from trainable values outside any module"
+            )
+        index = len(tape.records)
+        rule = self.rules[module]
+        tape.records.append(_Record(module, path, rule, x, output, output._version))
+        if output.requires_grad:
+            output.register_hook(partial(_on_output_grad, tape, index))
+
+    def on_root_end(self, model, args, output):
+        tape, self.tape = self.tape, None
+        if tape is None:
+            return
+        if not tape.records:
+            return
+        last = tape.records[-1]
+        if output is not last.output or output._version != last.version:
+            raise NonChainForwardError(
+                f"forward of {self.root_name} is not a chain: what it returns is not the "
+                f"unmodified output of its last module '{last.path}' (a computation follows it)"
+            )
+        trainable = [
+            i
+            for i, r in enumerate(tape.records)
+            if any(p.requires_grad for p in r.module.parameters(recurse=False))
+        ]
+        tape.first = trainable[0] if trainable else len(tape.records)
+        setattr(output, _TAPE_TAG, tape)
+
+
+def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
+    """Backward hook on the output of module ``index``: apply its rule (see module docstring)."""
+    if index < tape.first:
+        return
+    record = tape.records[index]
+    if record.input is None:
+        raise RuntimeError(
+            "hesscale computes its estimates once per forward pass; run the forward pass again "
+            "before another backward through the same graph"
+        )
+    last = index == len(tape.records) - 1
+    if last:
+        if tape.loss_curvature is None:
+            raise RuntimeError(
+                "an estimate was requested, but no extended loss consumed the model's output: "
+                "call loss_fn = hesscale.extend(loss_fn) and apply it directly to the model's "
+                "output"
+            )
+        s_out = tape.loss_curvature()
+    else:
+        s_out = tape.pending.pop(index)
+    ctx = LayerContext(
+        module=record.module,
+        input=record.input,
+        output=record.output,
+        grad_output=grad,
+        curvature_output=s_out,
+        method=tape.method,
+        need_input_curvature=index > tape.first,
+    )
+    result: Backprop = record.rule.backprop(ctx)
+    if index > tape.first:
+        if result.curvature_input is None:
+            raise RuntimeError(f"the rule of '{record.path}' returned no input curvature")
+        tape.pending[index - 1] = result.curvature_input
+    for name, estimate in result.parameters.items():
+        param = getattr(record.module, name)
+        if param is not None and param.requires_grad:
+            setattr(param, ESTIMATE_ATTRIBUTE, estimate.detach())
+            setattr(param, _ESTIMATE_ID, tape.id)
+    record.input = record.output = None
+
+
+def _on_loss(module, args, kwargs, output):
+    """Forward hook of an extended loss: tell each producing tape how to get its ``ŝ``."""
+    rule = getattr(module, _LOSS_STATE)
+    bound = None
+    for role in rule.roles:
+        if bound is None:
+            bound = bind_loss_arguments(module, args, kwargs)
+        tensor = bound.get(role)
+        tape = getattr(tensor, _TAPE_TAG, None) if isinstance(tensor, Tensor) else None
+        if tape is None or tape.records[-1].output is not tensor:
+            continue
+        tape.loss_curvature = partial(_loss_curvature, rule, module, dict(bound), tape.method, role)
+
+
+def _loss_curvature(rule, module, bound, method, role) -> Tensor:
+    return rule.curvature(module, bound, method)[role]
+
+
+def extend(module: nn.Module) -> nn.Module:
+    """Prepare a model or a loss for HesScale estimates; returns ``module``; idempotent.
+
+    A model must be a chain of supported leaf modules (``nn.Sequential``, nested Sequentials, or
+    custom modules whose forward applies their submodules one after another); a loss must be one
+    of the supported losses with ``reduction='mean'`` or ``'sum'``.
+
+    Raises:
+        UnsupportedModuleError: naming the offending module's path and type and listing what is
+            supported.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"extend expects an nn.Module, got {type(module).__name__}")
+    if is_loss(module):
+        if not hasattr(module, _LOSS_STATE):
+            setattr(module, _LOSS_STATE, loss_rule_for(module))
+            module.register_forward_hook(_on_loss, with_kwargs=True)
+        return module
+    if hasattr(module, _STATE):
+        return module
+    state = _ModelState(module)
+    module.register_forward_pre_hook(state.on_root_start)
+    for leaf in state.rules:
+        leaf.register_forward_hook(state.on_leaf)
+    module.register_forward_hook(state.on_root_end)
+    setattr(module, _STATE, state)
+    for p in state.params:
+        p._hesscale_extended = True
+    return module
+
+
+def is_extended(module: nn.Module) -> bool:
+    """Whether ``extend`` was called on ``module`` (a model or a loss)."""
+    return hasattr(module, _STATE) or hasattr(module, _LOSS_STATE)
+
+
+def request(params, method: str | None) -> None:
+    """Ask that every following backward pass computes ``method``'s estimate for ``params``.
+
+    ``method=None`` withdraws the request (the backward then computes gradients alone). This is
+    what the optimizers call; estimates are written to ``p.hess_diag`` in each backward pass.
+    """
+    if method is not None:
+        get_method(method)
+    for p in params:
+        setattr(p, _REQUEST, method)
+
+
+def estimate_id(param: Tensor) -> int | None:
+    """An id of the backward pass that wrote ``param.hess_diag`` (None if none did)."""
+    return getattr(param, _ESTIMATE_ID, None)
+
+
+@contextmanager
+def _forced(model: nn.Module, method: Method):
+    state: _ModelState = getattr(model, _STATE)
+    previous, state.forced = state.forced, method
+    try:
+        yield
+    finally:
+        state.forced = previous
+
+
+def backpropagated_diagonal(model, loss_fn, inputs, target, method: str, **loss_kwargs):
+    """The engine's estimate for one batch: ``(loss, {name: estimate})``; see :func:`diagonal`."""
+    config = get_method(method)
+    extend(model)
+    extend(loss_fn)
+    with _forced(model, config):
+        output = model(inputs)
+    tape = getattr(output, _TAPE_TAG, None)
+    loss = loss_fn(output, target, **loss_kwargs)
+    loss.backward()
+    result = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            fresh = tape is not None and estimate_id(p) == tape.id
+            result[name] = getattr(p, ESTIMATE_ATTRIBUTE) if fresh else torch.zeros_like(p)
+    return loss.detach(), result

@@ -1,0 +1,53 @@
+"""``hesscale.diagonal``: every Hessian-diagonal estimator behind one function, chosen by name.
+
+The backpropagated methods (``hesscale``, ``hesscale_gn``, ``bl89``) run the engine; the
+reference and baseline estimators of the paper's comparison live in :mod:`hesscale.baselines`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ._engine import backpropagated_diagonal
+from ._errors import UnsupportedModuleError
+from ._methods import METHODS
+from . import baselines
+
+ESTIMATORS = tuple(METHODS) + tuple(baselines.BASELINES)
+
+
+def diagonal(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    target: Tensor,
+    method: str = "hesscale",
+    *,
+    samples: int = 1,
+    generator=None,
+    **loss_kwargs,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Estimate the diagonal of the Hessian of ``loss_fn(model(inputs), target)``.
+
+    Args:
+        model: a chain of supported modules (extended if it was not).
+        loss_fn: a supported loss; its reduction decides what the estimate is of.
+        inputs, target: one batch.
+        method: one of :data:`ESTIMATORS`: ``hesscale``, ``hesscale_gn``, ``bl89`` (the engine),
+            ``exact``, ``ggn``, ``ggn_mc``, ``hutchinson``, ``kfac_mc``, ``grad_sq``.
+        samples: Monte-Carlo samples of the stochastic estimators.
+        generator: a ``torch.Generator`` that makes the stochastic estimators repeatable.
+        **loss_kwargs: further loss arguments (e.g. ``var=`` of GaussianNLLLoss).
+
+    Returns:
+        ``(loss, {name: estimate})``, names as in ``model.named_parameters()``, estimates shaped
+        like the parameters. The parameters' ``.grad`` accumulate the gradient of ``loss`` as
+        after ``loss.backward()``.
+    """
+    if method in METHODS:
+        return backpropagated_diagonal(model, loss_fn, inputs, target, method, **loss_kwargs)
+    if method in baselines.BASELINES:
+        return baselines.BASELINES[method](
+            model, loss_fn, inputs, target, samples=samples, generator=generator, **loss_kwargs
+        )
+    raise UnsupportedModuleError(f"unknown method {method!r}; choose one of {list(ESTIMATORS)}")

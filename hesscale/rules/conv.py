@@ -1,0 +1,101 @@
+"""HesScale rule of convolutions and transposed convolutions, 1d/2d/3d (Eq. 8–9 of the paper).
+
+Every output element of a convolution depends on each weight at most once and on each input
+element through at most one weight, so the squared Jacobians are the convolution's Jacobians
+with squared entries. Eq. 8 (without the activation factor) and Eq. 9 are therefore the two
+halves of an ordinary convolution backward pass, run on ``ŝ_a`` instead of the gradient with the
+weights and inputs squared:
+
+    ŝ_h = conv_input_backward(ŝ_a, W²)                    (Eq. 8: Σ_{m,n} ŝ_a W²)
+    ŝ_W = conv_weight_backward(ŝ_a, h²)                   (Eq. 9: Σ_{m,n} ŝ_a h²)
+    ŝ_b = Σ over batch and positions of ŝ_a
+
+Strides, dilations, groups, zero padding (including ``'same'`` with even kernels, which pads
+asymmetrically) and transposed convolutions all follow from the convolution backward itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import Backprop, LayerContext, register_rule, squared
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _explicit_padding(module: nn.Module) -> list[tuple[int, int]]:
+    """Left/right zero padding per spatial dimension, resolving ``'same'`` and ``'valid'``."""
+    if module.padding == "valid":
+        return [(0, 0)] * len(module.kernel_size)
+    if module.padding == "same":
+        pads = []
+        for d, k in zip(module.dilation, module.kernel_size):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        return pads
+    return [(p, p) for p in module.padding]
+
+
+def conv_rule(ctx: LayerContext) -> Backprop:
+    """Eq. 8–9 through ``aten.convolution_backward``; ``h: (N, C_in, *S)``, ``ŝ_a: (N, C_out, *S')``."""
+    module = ctx.module
+    transposed = isinstance(module, TRANSPOSED)
+    h_sq = squared(ctx.input)
+    spatial = len(module.kernel_size)
+    if transposed:
+        padding = list(module.padding)
+        # output_padding may come from an output_size argument of forward: read it off the shapes.
+        output_padding = [
+            y - ((x - 1) * s - 2 * p + d * (k - 1) + 1)
+            for y, x, s, p, d, k in zip(
+                ctx.output.shape[2:], ctx.input.shape[2:], module.stride, module.padding,
+                module.dilation, module.kernel_size,
+            )
+        ]
+        crop = None
+    else:
+        pads = _explicit_padding(module)
+        output_padding = [0] * spatial
+        if all(left == right for left, right in pads):
+            padding, crop = [left for left, _ in pads], None
+        else:  # asymmetric 'same': pad explicitly, convolve unpadded, crop ŝ_h back afterwards
+            flat = [p for left_right in reversed(pads) for p in left_right]
+            h_sq = F.pad(h_sq, flat)
+            padding, crop = [0] * spatial, [-p for p in flat]
+    has_bias = module.bias is not None
+    s_in, s_w, s_b = torch.ops.aten.convolution_backward(
+        ctx.curvature_output,
+        h_sq,
+        squared(module.weight),
+        [module.out_channels] if has_bias else None,
+        list(module.stride),
+        padding,
+        list(module.dilation),
+        transposed,
+        output_padding,
+        module.groups,
+        [ctx.need_input_curvature, True, has_bias],
+    )
+    if s_in is not None and crop is not None:
+        s_in = F.pad(s_in, crop)
+    params = {"weight": s_w}
+    if has_bias:
+        params["bias"] = s_b
+    return Backprop(s_in, params)
+
+
+def check_conv(module: nn.Module) -> str | None:
+    """Only zero padding keeps the squared Jacobian equal to the Jacobian with squared weights."""
+    if module.padding_mode != "zeros":
+        return (
+            f"padding_mode={module.padding_mode!r} is not supported (an input element can meet "
+            "the same output through several weights); use padding_mode='zeros'"
+        )
+    return None
+
+
+for _conv in CONVOLUTIONS + TRANSPOSED:
+    register_rule(_conv, conv_rule, check_conv)

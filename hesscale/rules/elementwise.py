@@ -1,0 +1,142 @@
+"""HesScale rule of element-wise activations: a table of first and second derivatives.
+
+For ``h = σ(a)`` applied element-wise, Eq. 4 of the paper reads
+
+    ŝ_a = σ'(a)² ⊙ ŝ_h + [second_order_term] · σ''(a) ⊙ g_h,
+
+where ``ŝ_h`` already holds the sum ``Σ_k ŝ_{next,k} W_{k,i}²`` of the following layer and
+``g_h = ∂L/∂h``. HesScaleGN drops the σ'' term; for piecewise-linear activations σ'' = 0 almost
+everywhere, so both variants coincide.
+
+Each table entry gives ``σ'`` and ``σ''`` as functions of the module (for its settings), the input
+``a`` and the output ``h`` (whichever is cheaper).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._registry import Backprop, LayerContext, no_inplace, register_rule, squared
+
+Derivative = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A table entry: ``df(module, a, h) = σ'(a)``, ``d2f(module, a, h) = σ''(a)``."""
+
+    df: Derivative
+    d2f: Derivative
+    piecewise_linear: bool = False
+
+
+def _zero(module, a, h):
+    return torch.zeros_like(a)
+
+
+def _step(a: Tensor, positive: float | Tensor, negative: float | Tensor) -> Tensor:
+    return torch.where(a > 0, positive, negative).to(a.dtype)
+
+
+def _elu_negative(module, a, h):
+    """α·eᵃ on the negative side, which equals ``h + α`` there."""
+    return h + module.alpha
+
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_K = 0.044715
+
+
+def _gelu_parts(module, a):
+    """σ', σ'' of GELU, exact (erf) or with the tanh approximation."""
+    if module.approximate == "tanh":
+        u = _GELU_C * (a + _GELU_K * a**3)
+        du = _GELU_C * (1 + 3 * _GELU_K * a**2)
+        d2u = _GELU_C * 6 * _GELU_K * a
+        t = torch.tanh(u)
+        sech2 = 1 - t * t
+        df = 0.5 * (1 + t) + 0.5 * a * sech2 * du
+        d2f = sech2 * du + 0.5 * a * sech2 * (d2u - 2 * t * du * du)
+        return df, d2f
+    pdf = torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
+    cdf = 0.5 * (1 + torch.erf(a / math.sqrt(2.0)))
+    return cdf + a * pdf, pdf * (2 - a * a)
+
+
+def _softplus_sigmoid(module, a):
+    """σ(βa) where the softplus is smooth; inside the linear region (βa > threshold) σ' = 1."""
+    return torch.sigmoid(module.beta * a), module.beta * a > module.threshold
+
+
+def _softplus_df(module, a, h):
+    sig, linear = _softplus_sigmoid(module, a)
+    return torch.where(linear, torch.ones_like(sig), sig)
+
+
+def _softplus_d2f(module, a, h):
+    sig, linear = _softplus_sigmoid(module, a)
+    return torch.where(linear, torch.zeros_like(sig), module.beta * sig * (1 - sig))
+
+
+def _silu_d2f(module, a, h):
+    sig = torch.sigmoid(a)
+    return sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+
+
+def _hardtanh_df(module, a, h):
+    return ((a > module.min_val) & (a < module.max_val)).to(a.dtype)
+
+
+ACTIVATIONS: dict[type[nn.Module], Activation] = {
+    nn.Tanh: Activation(lambda m, a, h: 1 - h * h, lambda m, a, h: -2 * h * (1 - h * h)),
+    nn.Sigmoid: Activation(lambda m, a, h: h * (1 - h), lambda m, a, h: h * (1 - h) * (1 - 2 * h)),
+    nn.ReLU: Activation(lambda m, a, h: _step(a, 1.0, 0.0), _zero, piecewise_linear=True),
+    nn.LeakyReLU: Activation(
+        lambda m, a, h: _step(a, 1.0, m.negative_slope), _zero, piecewise_linear=True
+    ),
+    nn.ReLU6: Activation(
+        lambda m, a, h: ((a > 0) & (a < 6)).to(a.dtype), _zero, piecewise_linear=True
+    ),
+    nn.Hardtanh: Activation(_hardtanh_df, _zero, piecewise_linear=True),
+    nn.ELU: Activation(
+        lambda m, a, h: torch.where(a > 0, torch.ones_like(h), _elu_negative(m, a, h)),
+        lambda m, a, h: torch.where(a > 0, torch.zeros_like(h), _elu_negative(m, a, h)),
+    ),
+    nn.SELU: Activation(
+        lambda m, a, h: _SELU_SCALE * torch.where(a > 0, 1.0, _SELU_ALPHA * torch.exp(a)),
+        lambda m, a, h: torch.where(a > 0, 0.0, _SELU_SCALE * _SELU_ALPHA * torch.exp(a)),
+    ),
+    nn.Softplus: Activation(_softplus_df, _softplus_d2f),
+    nn.GELU: Activation(lambda m, a, h: _gelu_parts(m, a)[0], lambda m, a, h: _gelu_parts(m, a)[1]),
+    nn.SiLU: Activation(
+        lambda m, a, h: torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a))), _silu_d2f
+    ),
+    nn.LogSigmoid: Activation(
+        lambda m, a, h: torch.sigmoid(-a),
+        lambda m, a, h: -torch.sigmoid(a) * torch.sigmoid(-a),
+    ),
+}
+
+
+def elementwise_rule(ctx: LayerContext) -> Backprop:
+    """Eq. 4: ``ŝ_a = σ'(a)² ⊙ ŝ_h + [second_order_term] σ''(a) ⊙ g_h`` (shapes of ``a``)."""
+    if not ctx.need_input_curvature:
+        return Backprop(None)
+    act = ACTIVATIONS[type(ctx.module)]
+    a, h = ctx.input, ctx.output
+    s_in = squared(act.df(ctx.module, a, h)) * ctx.curvature_output
+    if ctx.method.second_order_term and not act.piecewise_linear:
+        s_in = s_in + act.d2f(ctx.module, a, h) * ctx.grad_output
+    return Backprop(s_in)
+
+
+for _type in ACTIVATIONS:
+    register_rule(_type, elementwise_rule, no_inplace)
