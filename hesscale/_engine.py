@@ -145,6 +145,8 @@ class _ModelState:
                 f"forward of {self.root_name} is not a chain: its first module '{path}' "
                 "receives a tensor computed from trainable values outside any module"
             )
+        if output is x:  # returned its input unchanged (Identity, eval-mode Dropout): J = I
+            return
         index = len(tape.records)
         rule = self.rules[module]
         tape.records.append(_Record(module, path, rule, x, output, output._version))

@@ -39,8 +39,9 @@ def _zero(module, a, h):
     return torch.zeros_like(a)
 
 
-def _step(a: Tensor, positive: float | Tensor, negative: float | Tensor) -> Tensor:
-    return torch.where(a > 0, positive, negative).to(a.dtype)
+def _step(a: Tensor, positive: float, negative: float) -> Tensor:
+    """``positive`` where ``a > 0``, else ``negative``, in ``a``'s dtype (no float32 detour)."""
+    return torch.where(a > 0, a.new_full((), positive), a.new_full((), negative))
 
 
 def _elu_negative(module, a, h):
