@@ -103,6 +103,11 @@ for _name, (_pool, _dims) in POOLS.items():
         size=5 if _dims < 3 else 3,
     )
 
+CASES["conv2d-relu-maxpool"] = _conv_case(
+    lambda: nn.Conv2d(2, 3, 2, padding=1), 2, head_act=nn.ReLU,
+    pool=lambda: nn.MaxPool2d(2, stride=1), size=4,
+)
+
 CASES.update(
     {
         "dropout-train": dict(
