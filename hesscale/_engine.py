@@ -61,6 +61,7 @@ class _Tape:
 
     method: Method
     root_input: Tensor | None
+    individual: bool = False
     id: int = field(default_factory=lambda: next(_tape_ids))
     records: list[_Record] = field(default_factory=list)
     first: int = 0
@@ -87,6 +88,7 @@ class _ModelState:
                 self.paths[module] = path or "<root>"
         self.params = [p for p in model.parameters()]
         self.forced: Method | None = None
+        self.individual = False
         self.tape: _Tape | None = None
 
     # --- forward --------------------------------------------------------------------------
@@ -110,7 +112,7 @@ class _ModelState:
             self.tape = None
             return
         first = args[0] if args and isinstance(args[0], Tensor) else None
-        self.tape = _Tape(method=method, root_input=first)
+        self.tape = _Tape(method=method, root_input=first, individual=self.individual)
 
     def on_leaf(self, module, args, output):
         tape = self.tape
@@ -203,6 +205,7 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
         curvature_output=s_out,
         method=tape.method,
         need_input_curvature=index > tape.first,
+        individual=tape.individual,
     )
     result: Backprop = record.rule.backprop(ctx)
     if index > tape.first:
@@ -212,6 +215,14 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
     for name, estimate in result.parameters.items():
         param = getattr(record.module, name)
         if param is not None and param.requires_grad:
+            expected = (len(record.input), *param.shape) if tape.individual else param.shape
+            if estimate.shape != expected:
+                raise RuntimeError(
+                    f"the rule of '{record.path}' returned an estimate of shape "
+                    f"{tuple(estimate.shape)} for '{name}', expected {tuple(expected)}"
+                    + (" (per example: does the rule support individual=True?)"
+                       if tape.individual else "")
+                )
             setattr(param, ESTIMATE_ATTRIBUTE, estimate.detach())
             setattr(param, _ESTIMATE_ID, tape.id)
     record.input = record.output = None
@@ -289,21 +300,24 @@ def estimate_id(param: Tensor) -> int | None:
 
 
 @contextmanager
-def _forced(model: nn.Module, method: Method):
+def _forced(model: nn.Module, method: Method, individual: bool):
     state: _ModelState = getattr(model, _STATE)
-    previous, state.forced = state.forced, method
+    previous = state.forced, state.individual
+    state.forced, state.individual = method, individual
     try:
         yield
     finally:
-        state.forced = previous
+        state.forced, state.individual = previous
 
 
-def backpropagated_diagonal(model, loss_fn, inputs, target, method: str, **loss_kwargs):
+def backpropagated_diagonal(
+    model, loss_fn, inputs, target, method: str, individual: bool = False, **loss_kwargs
+):
     """The engine's estimate for one batch: ``(loss, {name: estimate})``; see :func:`diagonal`."""
     config = get_method(method)
     extend(model)
     extend(loss_fn)
-    with _forced(model, config):
+    with _forced(model, config, individual):
         output = model(inputs)
     tape = getattr(output, _TAPE_TAG, None)
     loss = loss_fn(output, target, **loss_kwargs)
@@ -312,5 +326,9 @@ def backpropagated_diagonal(model, loss_fn, inputs, target, method: str, **loss_
     for name, p in model.named_parameters():
         if p.requires_grad:
             fresh = tape is not None and estimate_id(p) == tape.id
-            result[name] = getattr(p, ESTIMATE_ATTRIBUTE) if fresh else torch.zeros_like(p)
+            if fresh:
+                result[name] = getattr(p, ESTIMATE_ATTRIBUTE)
+            else:  # not reached by the loss: a zero diagonal
+                shape = (len(inputs), *p.shape) if individual else p.shape
+                result[name] = p.new_zeros(shape)
     return loss.detach(), result

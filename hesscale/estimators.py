@@ -25,6 +25,7 @@ def diagonal(
     *,
     samples: int = 1,
     generator=None,
+    individual: bool = False,
     **loss_kwargs,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Estimate the diagonal of the Hessian of ``loss_fn(model(inputs), target)``.
@@ -37,6 +38,8 @@ def diagonal(
             ``exact``, ``ggn``, ``ggn_mc``, ``hutchinson``, ``kfac_mc``, ``grad_sq``.
         samples: Monte-Carlo samples of the stochastic estimators.
         generator: a ``torch.Generator`` that makes the stochastic estimators repeatable.
+        individual: per-example estimates ``(N, *param.shape)`` instead of the batch's (the
+            backpropagated methods; layers Linear and convolutions).
         **loss_kwargs: further loss arguments (e.g. ``var=`` of GaussianNLLLoss).
 
     Returns:
@@ -45,7 +48,9 @@ def diagonal(
         after ``loss.backward()``.
     """
     if method in METHODS:
-        return backpropagated_diagonal(model, loss_fn, inputs, target, method, **loss_kwargs)
+        return backpropagated_diagonal(
+            model, loss_fn, inputs, target, method, individual=individual, **loss_kwargs
+        )
     if method in baselines.BASELINES:
         return baselines.BASELINES[method](
             model, loss_fn, inputs, target, samples=samples, generator=generator, **loss_kwargs

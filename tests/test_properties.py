@@ -119,6 +119,17 @@ def test_batch_is_sum_of_single_examples(name, method):
     assert_close_dicts(batch, {k: sum(s[k] for s in singles) for k in batch})
 
 
+@pytest.mark.parametrize("name", ["mlp-elu", "conv1d-stride2-pad1-dil2", "linear-on-sequence",
+                                  "convtranspose2d-outpad"])
+def test_individual_estimates_are_the_single_example_estimates(name):
+    model, loss_fn, x, y = build(CASES[name])
+    loss_fn.reduction = "sum"
+    _, each = hesscale.diagonal(model, loss_fn, x, y, individual=True)
+    for i in range(len(x)):
+        _, single = hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1])
+        assert_close_dicts({k: v[i] for k, v in each.items()}, single)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dtype_and_device_are_kept(dtype, device):
     model, loss_fn, x, y = build(CASES["conv2d-groups2"], device, dtype)

@@ -29,6 +29,8 @@ class LayerContext:
             ``output`` (per example, before summing over the batch).
         method: the switches of the shared rule.
         need_input_curvature: whether ``ŝ_x`` is needed (False for the first layer).
+        individual: return parameter estimates per example, shaped ``(N, *param.shape)``,
+            instead of their sum over the batch.
     """
 
     module: nn.Module
@@ -38,6 +40,7 @@ class LayerContext:
     curvature_output: Tensor
     method: Method
     need_input_curvature: bool
+    individual: bool = False
 
 
 @dataclass(frozen=True)

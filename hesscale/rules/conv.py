@@ -66,19 +66,21 @@ def conv_rule(ctx: LayerContext) -> Backprop:
             h_sq = F.pad(h_sq, flat)
             padding, crop = [0] * spatial, [-p for p in flat]
     has_bias = module.bias is not None
-    s_in, s_w, s_b = torch.ops.aten.convolution_backward(
-        ctx.curvature_output,
-        h_sq,
-        squared(module.weight),
-        [module.out_channels] if has_bias else None,
-        list(module.stride),
-        padding,
-        list(module.dilation),
-        transposed,
-        output_padding,
-        module.groups,
-        [ctx.need_input_curvature, True, has_bias],
-    )
+    w_sq = squared(module.weight)
+
+    def backward(s_out, h_sq, need_input):
+        return torch.ops.aten.convolution_backward(
+            s_out, h_sq, w_sq, [module.out_channels] if has_bias else None,
+            list(module.stride), padding, list(module.dilation), transposed, output_padding,
+            module.groups, [need_input, True, has_bias],
+        )
+
+    s_out = ctx.curvature_output
+    s_in, s_w, s_b = backward(s_out, h_sq, ctx.need_input_curvature)
+    if ctx.individual:  # one weight backward per example
+        parts = [backward(s_out[i : i + 1], h_sq[i : i + 1], False) for i in range(len(s_out))]
+        s_w = torch.stack([p[1] for p in parts])
+        s_b = torch.stack([p[2] for p in parts]) if has_bias else None
     if s_in is not None and crop is not None:
         s_in = F.pad(s_in, crop)
     params = {"weight": s_w}

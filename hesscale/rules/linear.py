@@ -10,6 +10,7 @@ independent positions ``n``:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ._registry import Backprop, LayerContext, register_rule, squared
@@ -18,11 +19,19 @@ from ._registry import Backprop, LayerContext, register_rule, squared
 def linear_rule(ctx: LayerContext) -> Backprop:
     """Eq. 4–5 for a fully connected layer; shapes ``h: (N, *, in)``, ``ŝ_a: (N, *, out)``."""
     module = ctx.module
-    s_out = ctx.curvature_output.reshape(-1, module.out_features)
-    h_sq = squared(ctx.input.reshape(-1, module.in_features))
-    params = {"weight": s_out.T @ h_sq}
-    if module.bias is not None:
-        params["bias"] = s_out.sum(0)
+    if ctx.individual:  # per example n: Σ over the other positions t
+        n = ctx.input.shape[0]
+        s_out = ctx.curvature_output.reshape(n, -1, module.out_features)
+        h_sq = squared(ctx.input.reshape(n, -1, module.in_features))
+        params = {"weight": torch.einsum("nto,nti->noi", s_out, h_sq)}
+        if module.bias is not None:
+            params["bias"] = s_out.sum(1)
+    else:
+        s_out = ctx.curvature_output.reshape(-1, module.out_features)
+        h_sq = squared(ctx.input.reshape(-1, module.in_features))
+        params = {"weight": s_out.T @ h_sq}
+        if module.bias is not None:
+            params["bias"] = s_out.sum(0)
     s_in = None
     if ctx.need_input_curvature:
         s_in = ctx.curvature_output @ squared(module.weight)
