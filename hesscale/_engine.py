@@ -28,7 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import NonChainForwardError, UnsupportedModuleError
+from ._ggn_mc import sampled_ggn_diagonals
 from ._methods import METHODS, Method, get_method
+from .baselines import sample_hessian_factor
 from .rules import loss_rule_for, rule_for
 from .rules._registry import Backprop, LayerContext, Rule
 from .rules.losses import bind_loss_arguments, is_loss
@@ -61,12 +63,43 @@ class _Tape:
 
     method: Method
     root_input: Tensor | None
-    individual: bool = False
+    options: _Options
     id: int = field(default_factory=lambda: next(_tape_ids))
     records: list[_Record] = field(default_factory=list)
     first: int = 0
-    loss_curvature: object = None  # callable () -> Tensor, set by the extended loss
+    loss: _LossCall | None = None  # set by the extended loss that consumed the output
     pending: dict[int, Tensor] = field(default_factory=dict)
+    busy: bool = False  # inside the engine's own backward pass (GGN-MC): hooks stand aside
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Per-call options of :func:`diagonal` (defaults for optimizer requests)."""
+
+    individual: bool = False
+    samples: int = 1
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class _LossCall:
+    """An extended loss's call on a tape's output: enough to compute ``ŝ`` or sample factors."""
+
+    module: nn.Module
+    arguments: dict
+    role: str
+
+    def curvature(self, method: Method) -> Tensor:
+        return getattr(self.module, _LOSS_STATE).curvature(self.module, self.arguments, method)[
+            self.role
+        ]
+
+    def factors(self, samples: int, generator) -> Tensor:
+        if self.role != "input":
+            raise UnsupportedModuleError("GGN-MC samples factors for a loss's input only")
+        args = dict(self.arguments)
+        out, target = args.pop("input"), args.pop("target")
+        return sample_hessian_factor(self.module, out, target, samples, generator, **args)
 
 
 class _ModelState:
@@ -88,7 +121,7 @@ class _ModelState:
                 self.paths[module] = path or "<root>"
         self.params = [p for p in model.parameters()]
         self.forced: Method | None = None
-        self.individual = False
+        self.options = _Options()
         self.tape: _Tape | None = None
 
     # --- forward --------------------------------------------------------------------------
@@ -112,7 +145,7 @@ class _ModelState:
             self.tape = None
             return
         first = args[0] if args and isinstance(args[0], Tensor) else None
-        self.tape = _Tape(method=method, root_input=first, individual=self.individual)
+        self.tape = _Tape(method=method, root_input=first, options=self.options)
 
     def on_leaf(self, module, args, output):
         tape = self.tape
@@ -178,7 +211,8 @@ class _ModelState:
 
 def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
     """Backward hook on the output of module ``index``: apply its rule (see module docstring)."""
-    if index < tape.first:
+    last = index == len(tape.records) - 1
+    if index < tape.first or tape.busy or (tape.method.monte_carlo and not last):
         return
     record = tape.records[index]
     if record.input is None:
@@ -186,17 +220,26 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
             "hesscale computes its estimates once per forward pass; run the forward pass again "
             "before another backward through the same graph"
         )
-    last = index == len(tape.records) - 1
-    if last:
-        if tape.loss_curvature is None:
-            raise RuntimeError(
-                "an estimate was requested, but no extended loss consumed the model's output: "
-                "call loss_fn = hesscale.extend(loss_fn) and apply it directly to the model's "
-                "output"
+    if last and tape.loss is None:
+        raise RuntimeError(
+            "an estimate was requested, but no extended loss consumed the model's output: "
+            "call loss_fn = hesscale.extend(loss_fn) and apply it directly to the model's output"
+        )
+    if tape.method.monte_carlo:
+        factors = tape.loss.factors(tape.options.samples, tape.options.generator)
+        tape.busy = True
+        try:
+            sampled = sampled_ggn_diagonals(
+                tape.records, record.output, factors, tape.options.individual
             )
-        s_out = tape.loss_curvature()
-    else:
-        s_out = tape.pending.pop(index)
+        finally:
+            tape.busy = False
+        for layer, estimates in sampled:
+            _store(tape, layer, estimates)
+        for r in tape.records:
+            r.input = r.output = None
+        return
+    s_out = tape.loss.curvature(tape.method) if last else tape.pending.pop(index)
     ctx = LayerContext(
         module=record.module,
         input=record.input,
@@ -205,45 +248,44 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
         curvature_output=s_out,
         method=tape.method,
         need_input_curvature=index > tape.first,
-        individual=tape.individual,
+        individual=tape.options.individual,
     )
     result: Backprop = record.rule.backprop(ctx)
     if index > tape.first:
         if result.curvature_input is None:
             raise RuntimeError(f"the rule of '{record.path}' returned no input curvature")
         tape.pending[index - 1] = result.curvature_input
-    for name, estimate in result.parameters.items():
-        param = getattr(record.module, name)
-        if param is not None and param.requires_grad:
-            expected = (len(record.input), *param.shape) if tape.individual else param.shape
-            if estimate.shape != expected:
-                raise RuntimeError(
-                    f"the rule of '{record.path}' returned an estimate of shape "
-                    f"{tuple(estimate.shape)} for '{name}', expected {tuple(expected)}"
-                    + (" (per example: does the rule support individual=True?)"
-                       if tape.individual else "")
-                )
-            setattr(param, ESTIMATE_ATTRIBUTE, estimate.detach())
-            setattr(param, _ESTIMATE_ID, tape.id)
+    _store(tape, record, result.parameters)
     record.input = record.output = None
+
+
+def _store(tape: _Tape, record: _Record, estimates: dict[str, Tensor]) -> None:
+    """Write estimates to ``p.hess_diag``, tagged with the tape's id; shapes are checked."""
+    individual = tape.options.individual
+    for name, estimate in estimates.items():
+        param = getattr(record.module, name)
+        if param is None or not param.requires_grad:
+            continue
+        expected = (len(record.input), *param.shape) if individual else param.shape
+        if estimate.shape != expected:
+            raise RuntimeError(
+                f"the rule of '{record.path}' returned an estimate of shape "
+                f"{tuple(estimate.shape)} for '{name}', expected {tuple(expected)}"
+                + (" (per example: does the rule support individual=True?)" if individual else "")
+            )
+        setattr(param, ESTIMATE_ATTRIBUTE, estimate.detach())
+        setattr(param, _ESTIMATE_ID, tape.id)
 
 
 def _on_loss(module, args, kwargs, output):
     """Forward hook of an extended loss: tell each producing tape how to get its ``ŝ``."""
     rule = getattr(module, _LOSS_STATE)
-    bound = None
+    bound = bind_loss_arguments(module, args, kwargs)
     for role in rule.roles:
-        if bound is None:
-            bound = bind_loss_arguments(module, args, kwargs)
         tensor = bound.get(role)
         tape = getattr(tensor, _TAPE_TAG, None) if isinstance(tensor, Tensor) else None
-        if tape is None or tape.records[-1].output is not tensor:
-            continue
-        tape.loss_curvature = partial(_loss_curvature, rule, module, dict(bound), tape.method, role)
-
-
-def _loss_curvature(rule, module, bound, method, role) -> Tensor:
-    return rule.curvature(module, bound, method)[role]
+        if tape is not None and tape.records[-1].output is tensor:
+            tape.loss = _LossCall(module, dict(bound), role)
 
 
 def extend(module: nn.Module) -> nn.Module:
@@ -300,24 +342,31 @@ def estimate_id(param: Tensor) -> int | None:
 
 
 @contextmanager
-def _forced(model: nn.Module, method: Method, individual: bool):
+def _forced(model: nn.Module, method: Method, options: _Options):
     state: _ModelState = getattr(model, _STATE)
-    previous = state.forced, state.individual
-    state.forced, state.individual = method, individual
+    previous = state.forced, state.options
+    state.forced, state.options = method, options
     try:
         yield
     finally:
-        state.forced, state.individual = previous
+        state.forced, state.options = previous
 
 
 def backpropagated_diagonal(
-    model, loss_fn, inputs, target, method: str, individual: bool = False, **loss_kwargs
+    model, loss_fn, inputs, target, method: str, individual: bool = False, samples: int = 1,
+    generator=None, **loss_kwargs,
 ):
     """The engine's estimate for one batch: ``(loss, {name: estimate})``; see :func:`diagonal`."""
     config = get_method(method)
     extend(model)
     extend(loss_fn)
-    with _forced(model, config, individual):
+    if config.monte_carlo and isinstance(loss_fn, nn.NLLLoss):
+        raise UnsupportedModuleError(
+            "GGN-MC splits the network at its logits: use CrossEntropyLoss on the logits "
+            "instead of LogSoftmax followed by NLLLoss"
+        )
+    options = _Options(individual=individual, samples=samples, generator=generator)
+    with _forced(model, config, options):
         output = model(inputs)
     tape = getattr(output, _TAPE_TAG, None)
     loss = loss_fn(output, target, **loss_kwargs)

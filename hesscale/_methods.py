@@ -26,11 +26,14 @@ class Method:
             logits (HesScale, Appendix A). If False (BL89), a softmax output is treated as
             LogSoftmax followed by NLLLoss, with the diagonal rule applied through LogSoftmax as
             if it were element-wise (σ' = 1 − q, σ'' = q² − q).
+        monte_carlo: instead of the HesScale rules, backpropagate sampled square-root factors of
+            the loss Hessian and square per-example gradients (GGN-MC, see ``_ggn_mc``).
     """
 
     name: str
     second_order_term: bool
     exact_output: bool
+    monte_carlo: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -39,6 +42,7 @@ METHODS: dict[str, Method] = {
         Method("hesscale", second_order_term=True, exact_output=True),
         Method("hesscale_gn", second_order_term=False, exact_output=True),
         Method("bl89", second_order_term=True, exact_output=False),
+        Method("ggn_mc", second_order_term=False, exact_output=True, monte_carlo=True),
     )
 }
 

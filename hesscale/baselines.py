@@ -2,9 +2,8 @@
 
 * ``exact``: ``diag(∇²_θ L)``, exact (dense blocks; small networks);
 * ``ggn``: ``diag(G)``, ``G = Σ_n J_nᵀ H_n J_n``, exact;
-* ``ggn_mc``: BackPACK's DiagGGNMC: ``(1/k) Σ_m Σ_n (J_nᵀ v_{nm})²`` with ``v`` a Monte-Carlo
-  square-root factor of the loss Hessian, ``E[v vᵀ] = H_n`` (labels drawn from the model's
-  predictive distribution);
+* ``ggn_mc`` (BackPACK's DiagGGNMC) runs in the engine (``_ggn_mc``) from the factors of
+  :func:`sample_hessian_factor`;
 * ``hutchinson``: AdaHessian's ``(1/k) Σ_m z_m ⊙ (H z_m)``, ``z`` Rademacher;
 * ``kfac_mc``: the diagonal of KFAC's ``A ⊗ B`` for Linear layers, ``A = (1/N) Σ_n x̄_n x̄_nᵀ``
   and ``B = (1/k) Σ_m Σ_n g_{nm} g_{nm}ᵀ`` with ``g = J_aᵀ v`` backpropagated MC factors;
@@ -85,16 +84,6 @@ def sample_hessian_factor(
     )
 
 
-def ggn_mc_from_factors(model, params, inputs, factors) -> dict[str, Tensor]:
-    """``(1/k) Σ_m Σ_n (J_nᵀ v_{nm})²`` for factors ``v: (k, N, *out)``."""
-
-    def per_example(p, x, v):
-        return grad(lambda q: (_call(model, q, x.unsqueeze(0)).squeeze(0) * v).sum())(p)
-
-    per = vmap(vmap(per_example, (None, 0, 0)), (None, None, 0))(params, inputs, factors)
-    return {n: (g * g).sum(1).mean(0) for n, g in per.items()}
-
-
 def hutchinson_from_probes(loss_of_params, params, probes) -> dict[str, Tensor]:
     """``(1/k) Σ_m z_m ⊙ H z_m`` for probes ``z: {name: (k, *shape)}`` (forward-over-reverse)."""
 
@@ -133,13 +122,6 @@ def _require_output_loss(loss_fn):
             "the GGN estimators split the network at its logits: use CrossEntropyLoss on the "
             "logits instead of LogSoftmax followed by NLLLoss"
         )
-
-
-def ggn_mc(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kwargs):
-    _require_output_loss(loss_fn)
-    loss, out = _backward(model, loss_fn, inputs, target, loss_kwargs)
-    factors = sample_hessian_factor(loss_fn, out, target, samples, generator, **loss_kwargs)
-    return loss, ggn_mc_from_factors(model, _trainable(model), inputs, factors)
 
 
 def hutchinson(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kwargs):
@@ -203,7 +185,6 @@ def grad_sq(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kw
 BASELINES = {
     "exact": exact,
     "ggn": ggn,
-    "ggn_mc": ggn_mc,
     "hutchinson": hutchinson,
     "kfac_mc": kfac_mc,
     "grad_sq": grad_sq,

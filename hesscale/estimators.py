@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from . import baselines
 from ._engine import backpropagated_diagonal
 from ._errors import UnsupportedModuleError
 from ._methods import METHODS
-from . import baselines
 
 ESTIMATORS = tuple(METHODS) + tuple(baselines.BASELINES)
 
@@ -39,7 +39,8 @@ def diagonal(
         samples: Monte-Carlo samples of the stochastic estimators.
         generator: a ``torch.Generator`` that makes the stochastic estimators repeatable.
         individual: per-example estimates ``(N, *param.shape)`` instead of the batch's (the
-            backpropagated methods; layers Linear and convolutions).
+            engine's methods ``hesscale``, ``hesscale_gn``, ``bl89``, ``ggn_mc``; the HesScale
+            rules of Linear and convolutions support it).
         **loss_kwargs: further loss arguments (e.g. ``var=`` of GaussianNLLLoss).
 
     Returns:
@@ -49,7 +50,8 @@ def diagonal(
     """
     if method in METHODS:
         return backpropagated_diagonal(
-            model, loss_fn, inputs, target, method, individual=individual, **loss_kwargs
+            model, loss_fn, inputs, target, method, individual=individual, samples=samples,
+            generator=generator, **loss_kwargs,
         )
     if method in baselines.BASELINES:
         return baselines.BASELINES[method](

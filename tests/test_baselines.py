@@ -35,6 +35,8 @@ def test_exact_and_ggn_equal_torch_func(name):
         ("ggn_mc", ggn_diagonal, "loss-bce-logits-multilabel"),
         ("ggn_mc", ggn_diagonal, "loss-ce-weight-smoothing-ignore"),
         ("ggn_mc", ggn_diagonal, "loss-mse-sum"),
+        ("ggn_mc", ggn_diagonal, "conv2d-groups2"),
+        ("ggn_mc", ggn_diagonal, "linear-on-sequence"),
     ],
 )
 def test_stochastic_estimators_converge(method, truth, name):
@@ -121,3 +123,12 @@ def test_ggn_refuses_nll_after_logsoftmax():
     with pytest.raises(hesscale.UnsupportedModuleError, match="CrossEntropyLoss"):
         hesscale.diagonal(model, loss_fn, x, y, method="ggn_mc")
     assert isinstance(loss_fn, nn.NLLLoss)
+
+
+def test_ggn_mc_individual_sums_to_the_batch_estimate():
+    model, loss_fn, x, y = build(CASES["conv1d"])
+    _, each = hesscale.diagonal(model, loss_fn, x, y, method="ggn_mc", samples=3, individual=True,
+                                generator=torch.Generator().manual_seed(1))
+    _, batch = hesscale.diagonal(model, loss_fn, x, y, method="ggn_mc", samples=3,
+                                 generator=torch.Generator().manual_seed(1))
+    assert_close_dicts({k: v.sum(0) for k, v in each.items()}, batch)
