@@ -1,0 +1,158 @@
+"""``CurvatureAdam``: the thin ``torch.optim.Optimizer`` over :func:`curvature_adam`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, request
+from ._functional import curvature_adam
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class CurvatureAdam(Optimizer):
+    """Adam-style optimizer whose second moment averages a curvature estimate (Algorithm 2).
+
+    Subclasses choose the estimate (``method``, an engine method requested for every backward
+    pass that needs one) and its use (``squared``, ``power``). The estimate is read from
+    ``p.hess_diag``, which the engine writes during ``loss.backward()`` of an extended model and
+    loss: the training loop is that of ``torch.optim.Adam``.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: step size ``α``.
+        betas: ``(β₁, β₂)``.
+        eps: added to the denominator (outside the root, as in Adam).
+        eps_root: added inside the root (the paper's Algorithm 2 uses ``ε`` there).
+        weight_decay: ``λ``; an L2 penalty added to the gradient (as DeepOBS), or
+        decoupled_weight_decay: if True, decoupled decay ``θ ← (1 − αλ) θ`` (as AdamW).
+        update_every: refresh the curvature every k-th step only; in between, the backward pass
+            computes gradients alone and ``v`` is kept (as Sophia does).
+        maximize: maximize the objective.
+    """
+
+    method: str | None = None
+    squared: bool = True
+    power: float = 0.5
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        eps_root: float = 0.0,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        update_every: int = 1,
+        maximize: bool = False,
+    ):
+        if isinstance(lr, Tensor):
+            lr = float(lr)
+        _check(0.0 <= lr, f"Invalid learning rate: {lr}")
+        _check(0.0 <= eps, f"Invalid epsilon value: {eps}")
+        _check(0.0 <= eps_root, f"Invalid eps_root value: {eps_root}")
+        _check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
+        _check(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
+        _check(0.0 <= weight_decay, f"Invalid weight_decay value: {weight_decay}")
+        _check(
+            isinstance(update_every, int) and update_every >= 1,
+            f"Invalid update_every value: {update_every} (a positive integer)",
+        )
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, update_every=update_every,
+            maximize=maximize,
+        )
+        super().__init__(params, defaults)
+        self._consumed: dict[int, int] = {}
+        for group in self.param_groups:
+            self._request(group, self._wants_estimate(group))
+
+    # --- what the next backward pass must compute ----------------------------------------
+    def _wants_estimate(self, group) -> bool:
+        steps = [self.state[p]["step"] for p in group["params"] if p in self.state]
+        step = int(max(steps)) if steps else 0
+        return step % group["update_every"] == 0
+
+    def _request(self, group, wanted: bool) -> None:
+        if self.method is not None:
+            request(group["params"], self.method if wanted else None)
+
+    def add_param_group(self, param_group) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_consumed"):
+            self._request(self.param_groups[-1], True)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._request(group, self._wants_estimate(group))
+
+    # --- the estimate ---------------------------------------------------------------------
+    def _estimates(self, group, params: list[Tensor]) -> list[Tensor]:
+        """Fresh estimates of the last backward pass; a RuntimeError says how to fix the loop."""
+        result = []
+        for p in params:
+            ident = estimate_id(p)
+            if ident is None or self._consumed.get(id(p)) == ident:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() found no {self.method} estimate from the last "
+                    f"backward pass for a parameter of shape {tuple(p.shape)}. Extend the model "
+                    "and the loss before training (model = hesscale.extend(model); loss_fn = "
+                    "hesscale.extend(loss_fn)), apply loss_fn directly to the model's output, "
+                    "and call loss.backward() before every step()."
+                )
+            self._consumed[id(p)] = ident
+            result.append(getattr(p, ESTIMATE_ATTRIBUTE))
+        return result
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update; ``closure`` re-evaluates the model (forward and backward) and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["curvature_step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            update_curvature = self._wants_estimate(group)
+            estimates = (
+                self._estimates(group, params) if update_curvature else [None] * len(params)
+            )
+            for p in params:
+                self.state[p]["step"] += 1
+                if update_curvature:
+                    self.state[p]["curvature_step"] += 1
+            beta1, beta2 = group["betas"]
+            curvature_adam(
+                params,
+                [p.grad.detach() for p in params],
+                estimates,
+                [self.state[p]["exp_avg"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params],
+                [self.state[p]["step"] for p in params],
+                [self.state[p]["curvature_step"] for p in params],
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                eps_root=group["eps_root"], weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                squared=self.squared, power=self.power, maximize=group["maximize"],
+            )
+            self._request(group, self._wants_estimate(group))
+        return loss

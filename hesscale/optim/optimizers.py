@@ -1,0 +1,103 @@
+"""The optimizers of the paper's comparison, each a thin subclass of :class:`CurvatureAdam`."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._base import CurvatureAdam
+
+
+class AdaHesScale(CurvatureAdam):
+    r"""Adam on HesScale's Hessian-diagonal estimate (Algorithm 2 of the paper).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) \hat{S}_t^2,\quad
+        \theta_t = \theta_{t-1} - \alpha \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
+
+    with :math:`\hat{S}_t` the HesScale estimate of :math:`\operatorname{diag}\nabla^2_\theta L`
+    computed in ``loss.backward()`` of an extended model and loss. See :class:`CurvatureAdam`
+    for the arguments.
+    """
+
+    method = "hesscale"
+
+
+class AdaHesScaleGN(AdaHesScale):
+    """AdaHesScale on the Gauss-Newton variant HesScaleGN (the σ'' term dropped)."""
+
+    method = "hesscale_gn"
+
+
+class AdaBL89(AdaHesScale):
+    """AdaHesScale's update on the Becker & LeCun (1989) estimate."""
+
+    method = "bl89"
+
+
+class AdaGGNMC(CurvatureAdam):
+    r"""GGN-MC (one Monte-Carlo sample) as the paper's authors ran it.
+
+    ``v`` averages the estimate itself and the step is Newton-style,
+    :math:`\hat{m}_t / (\hat{v}_t + \epsilon)`; ``sqrt=True`` takes Adam's square root,
+    :math:`\hat{m}_t / (\sqrt{\hat{v}_t} + \epsilon)`.
+    """
+
+    method = "ggn_mc"
+    squared = False
+    power = 1.0
+
+    def __init__(self, params, lr: float = 1e-3, *, sqrt: bool = False, **kwargs):
+        super().__init__(params, lr=lr, **kwargs)
+        self.power = 0.5 if sqrt else 1.0
+
+
+class AdaHessian(CurvatureAdam):
+    r"""AdaHessian (Yao et al. 2021): Hutchinson's :math:`z \odot Hz` with one Rademacher probe.
+
+    Convolution kernels (tensors of 3 or more dimensions) average :math:`|z \odot Hz|` over their
+    spatial dimensions; the denominator is :math:`(\sqrt{\hat v_t})^k + \epsilon` with ``k`` the
+    Hessian power. The Hessian-vector product differentiates the gradient, so the backward pass
+    must keep its graph: ``loss.backward(create_graph=True)``.
+    """
+
+    def __init__(self, params, lr: float = 0.15, *, hessian_power: float = 1.0,
+                 generator: torch.Generator | None = None, **kwargs):
+        if not 0.0 <= hessian_power <= 1.0:
+            raise ValueError(f"Invalid Hessian power value: {hessian_power}")
+        super().__init__(params, lr=lr, **kwargs)
+        self.power = hessian_power / 2
+        self.generator = generator
+
+    def _estimates(self, group, params: list[Tensor]) -> list[Tensor]:
+        if any(p.grad.grad_fn is None for p in params):
+            raise RuntimeError(
+                "AdaHessian differentiates the gradient: call loss.backward(create_graph=True) "
+                "before step()"
+            )
+        probes = [
+            torch.randint(0, 2, p.shape, generator=self.generator, device=p.device).to(p.dtype)
+            * 2 - 1
+            for p in params
+        ]
+        with torch.enable_grad():
+            hz = torch.autograd.grad([p.grad for p in params], params, probes)
+        estimates = []
+        for z, h in zip(probes, hz):
+            d = z * h
+            if d.dim() >= 3:
+                d = d.abs().mean(dim=tuple(range(2, d.dim())), keepdim=True).expand_as(d)
+            estimates.append(d.detach())
+        return estimates
+
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adahessian": AdaHessian,
+    "adaggnmc": AdaGGNMC,
+    "adabl89": AdaBL89,
+    "adahesscale": AdaHesScale,
+    "adahesscalegn": AdaHesScaleGN,
+}

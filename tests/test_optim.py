@@ -1,0 +1,197 @@
+"""Optimizer tests in the style of torch's own."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import hesscale
+from hesscale.optim import (
+    OPTIMIZERS, AdaBL89, AdaGGNMC, AdaHessian, AdaHesScale, AdaHesScaleGN, CurvatureAdam,
+)
+
+CURVATURE_OPTIMIZERS = [AdaHesScale, AdaHesScaleGN, AdaBL89, AdaGGNMC]
+
+
+def _problem(seed=0, width=6):
+    torch.manual_seed(seed)
+    model = hesscale.extend(nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3)))
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    return model, loss_fn, x, y
+
+
+def _train(model, loss_fn, x, y, opt, steps, create_graph=False):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward(create_graph=create_graph)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("opt_class", CURVATURE_OPTIMIZERS + [AdaHessian])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    (dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
+    (dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    (dict(update_every=0), "Invalid update_every value: 0"),
+])
+def test_invalid_hyperparameters(opt_class, kwargs, message):
+    model, *_ = _problem()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        opt_class(model.parameters(), **kwargs)
+
+
+class GradAbs(CurvatureAdam):
+    """|g| (with the L2 term, as Adam's v sees it) where the curvature goes: this is Adam."""
+
+    def _estimates(self, group, params):
+        l2 = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+        return [p.grad.add(p, alpha=l2).abs() for p in params]
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_squared_gradient_as_curvature_is_adam(weight_decay, decoupled):
+    model, loss_fn, x, y = _problem()
+    twin = copy.deepcopy(model)
+    ours = GradAbs(model.parameters(), lr=0.01, weight_decay=weight_decay,
+                   decoupled_weight_decay=decoupled)
+    theirs = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
+        twin.parameters(), lr=0.01, weight_decay=weight_decay)
+    _train(model, loss_fn, x, y, ours, 10)
+    _train(twin, loss_fn, x, y, theirs, 10)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("opt_class", CURVATURE_OPTIMIZERS)
+def test_state_dict_round_trip_continues_bit_for_bit(opt_class):
+    model, loss_fn, x, y = _problem()
+    opt = opt_class(model.parameters(), lr=0.01, update_every=2)
+    torch.manual_seed(5)
+    _train(model, loss_fn, x, y, opt, 3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    rng = torch.get_rng_state()
+    _train(model, loss_fn, x, y, opt, 4)
+
+    fresh, *_ = _problem(seed=1)
+    fresh.load_state_dict(saved_model)
+    fresh_opt = opt_class(fresh.parameters(), lr=0.5, update_every=2)
+    fresh_opt.load_state_dict(saved_opt)
+    torch.set_rng_state(rng)
+    _train(fresh, loss_fn, x, y, fresh_opt, 4)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_parameter_groups_apply_their_own_settings():
+    model, loss_fn, x, y = _problem()
+    first = [p.detach().clone() for p in model[0].parameters()]
+    opt = AdaHesScale([
+        {"params": model[0].parameters(), "lr": 0.0},
+        {"params": model[2].parameters()},
+    ], lr=0.05)
+    assert opt.param_groups[1]["lr"] == 0.05
+    _train(model, loss_fn, x, y, opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, model[0].parameters()))
+    assert opt.state[model[2].weight]["step"] == 3
+
+
+def test_parameter_without_gradient_is_left_alone():
+    model, loss_fn, x, y = _problem()
+    extra = nn.Parameter(torch.ones(3))
+    opt = AdaHesScale(list(model.parameters()) + [extra], lr=0.05)
+    _train(model, loss_fn, x, y, opt, 2)
+    assert torch.equal(extra, torch.ones(3)) and extra not in opt.state
+
+
+@pytest.mark.parametrize("opt_class", CURVATURE_OPTIMIZERS)
+def test_converges_where_hesscale_is_exact(opt_class):
+    """A single linear layer with cross-entropy: HesScale is the exact Hessian diagonal."""
+    torch.manual_seed(0)
+    model = hesscale.extend(nn.Sequential(nn.Linear(5, 3)))
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    w_true = torch.randn(3, 5) * 3
+    x = torch.randn(256, 5)
+    y = (x @ w_true.T).argmax(1)
+    lr = 0.05 if opt_class is AdaGGNMC else 0.1
+    losses = _train(model, loss_fn, x, y, opt_class(model.parameters(), lr=lr), 150)
+    assert losses[-1] < 0.25 * losses[0], losses[::30]
+
+
+def test_adahessian_converges_and_needs_create_graph():
+    model, loss_fn, x, y = _problem()
+    opt = AdaHessian(model.parameters(), lr=0.1, generator=torch.Generator().manual_seed(0))
+    losses = _train(model, loss_fn, x, y, opt, 60, create_graph=True)
+    assert losses[-1] < 0.5 * losses[0]
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        opt.step()
+
+
+def test_missing_estimate_says_how_to_fix_the_loop():
+    model = nn.Sequential(nn.Linear(4, 3))  # not extended
+    opt = AdaHesScale(model.parameters())
+    nn.CrossEntropyLoss()(model(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+    with pytest.raises(RuntimeError, match=r"hesscale\.extend\(model\)"):
+        opt.step()
+    # a second step without a new backward pass would reuse a stale estimate: refused too
+    model, loss_fn, x, y = _problem()
+    opt = AdaHesScale(model.parameters())
+    loss_fn(model(x), y).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="no hesscale estimate"):
+        opt.step()
+
+
+def test_update_every_computes_estimates_only_when_needed():
+    model, loss_fn, x, y = _problem()
+    opt = AdaHesScale(model.parameters(), lr=0.01, update_every=3)
+    computed = []
+    for _ in range(7):
+        opt.zero_grad()
+        out = model(x)
+        computed.append(hasattr(out, "_hesscale_tape"))
+        loss_fn(out, y).backward()
+        opt.step()
+    assert computed == [True, False, False, True, False, False, True]
+    assert opt.state[model[0].weight]["curvature_step"] == 3
+
+
+def test_closure_scheduler_and_zero_grad():
+    model, loss_fn, x, y = _problem()
+    opt = AdaHesScaleGN(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05
+    assert opt.step(closure) < first
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_registry_lists_every_optimizer():
+    assert set(OPTIMIZERS) == {"sgd", "adam", "adahessian", "adaggnmc", "adabl89",
+                               "adahesscale", "adahesscalegn"}
+
+
+def test_plain_adam_on_an_extended_model_computes_no_estimate():
+    model, loss_fn, x, y = _problem()
+    opt = torch.optim.Adam(model.parameters())
+    _train(model, loss_fn, x, y, opt, 2)
+    assert all(not hasattr(p, "hess_diag") for p in model.parameters())
