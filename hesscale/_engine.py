@@ -70,6 +70,7 @@ class _Tape:
     loss: _LossCall | None = None  # set by the extended loss that consumed the output
     pending: dict[int, Tensor] = field(default_factory=dict)
     busy: bool = False  # inside the engine's own backward pass (GGN-MC): hooks stand aside
+    workspaces: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class _Options:
     individual: bool = False
     samples: int = 1
     generator: torch.Generator | None = None
+    reuse_buffers: bool = True  # estimates overwrite last step's in place (optimizer requests)
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class _ModelState:
                 self.rules[module] = rule_for(module, path)
                 self.paths[module] = path or "<root>"
         self.params = [p for p in model.parameters()]
+        self.workspaces: dict[nn.Module, dict] = {m: {} for m in self.rules}
         self.forced: Method | None = None
         self.options = _Options()
         self.tape: _Tape | None = None
@@ -145,7 +148,9 @@ class _ModelState:
             self.tape = None
             return
         first = args[0] if args and isinstance(args[0], Tensor) else None
-        self.tape = _Tape(method=method, root_input=first, options=self.options)
+        self.tape = _Tape(
+            method=method, root_input=first, options=self.options, workspaces=self.workspaces
+        )
 
     def on_leaf(self, module, args, output):
         tape = self.tape
@@ -249,6 +254,11 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
         method=tape.method,
         need_input_curvature=index > tape.first,
         individual=tape.options.individual,
+        workspace=(
+            tape.workspaces.get(record.module)
+            if tape.options.reuse_buffers and not tape.options.individual
+            else None
+        ),
     )
     result: Backprop = record.rule.backprop(ctx)
     if index > tape.first:
@@ -353,8 +363,15 @@ def _forced(model: nn.Module, method: Method, options: _Options):
 
 
 def backpropagated_diagonal(
-    model, loss_fn, inputs, target, method: str, individual: bool = False, samples: int = 1,
-    generator=None, **loss_kwargs,
+    model,
+    loss_fn,
+    inputs,
+    target,
+    method: str,
+    individual: bool = False,
+    samples: int = 1,
+    generator=None,
+    **loss_kwargs,
 ):
     """The engine's estimate for one batch: ``(loss, {name: estimate})``; see :func:`diagonal`."""
     config = get_method(method)
@@ -365,7 +382,9 @@ def backpropagated_diagonal(
             "GGN-MC splits the network at its logits: use CrossEntropyLoss on the logits "
             "instead of LogSoftmax followed by NLLLoss"
         )
-    options = _Options(individual=individual, samples=samples, generator=generator)
+    options = _Options(
+        individual=individual, samples=samples, generator=generator, reuse_buffers=False
+    )
     with _forced(model, config, options):
         output = model(inputs)
     tape = getattr(output, _TAPE_TAG, None)

@@ -36,7 +36,7 @@ def per_example_gradients(module: nn.Module, h: Tensor, delta: Tensor) -> dict[s
 
 
 def sampled_ggn_diagonals(records, output: Tensor, factors: Tensor, individual: bool):
-    """``[(record, {name: estimate})]`` for the records with parameters; factors ``(k, N, *out)``."""
+    """``[(record, {name: estimate})]`` for records with parameters; factors ``(k, N, *out)``."""
     layers = [
         r for r in records if any(p.requires_grad for p in r.module.parameters(recurse=False))
     ]

@@ -100,7 +100,9 @@ def rademacher_like(params: dict[str, Tensor], samples: int, generator=None) -> 
     return {
         n: torch.randint(0, 2, (samples, *p.shape), generator=generator, device=p.device).to(
             p.dtype
-        ) * 2 - 1
+        )
+        * 2
+        - 1
         for n, p in params.items()
     }
 
@@ -137,8 +139,11 @@ def kfac_mc(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kw
     """Diagonal of KFAC for the Linear layers: ``diag(B)_i · diag(A)_j`` (bias: ``diag(B)_i``)."""
     _require_output_loss(loss_fn)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    others = [n for n, m in model.named_modules()
-              if not isinstance(m, nn.Linear) and any(True for _ in m.parameters(recurse=False))]
+    others = [
+        n
+        for n, m in model.named_modules()
+        if not isinstance(m, nn.Linear) and any(True for _ in m.parameters(recurse=False))
+    ]
     if others:
         raise UnsupportedModuleError(
             f"kfac_mc supports Linear layers only; modules {others} have parameters"

@@ -50,8 +50,15 @@ def diagonal(
     """
     if method in METHODS:
         return backpropagated_diagonal(
-            model, loss_fn, inputs, target, method, individual=individual, samples=samples,
-            generator=generator, **loss_kwargs,
+            model,
+            loss_fn,
+            inputs,
+            target,
+            method,
+            individual=individual,
+            samples=samples,
+            generator=generator,
+            **loss_kwargs,
         )
     if method in baselines.BASELINES:
         return baselines.BASELINES[method](

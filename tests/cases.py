@@ -18,7 +18,10 @@ def _labels(classes, *shape):
 
 def _mlp(act, width=5, inputs=4, outputs=3):
     return lambda: nn.Sequential(
-        nn.Linear(inputs, width), act(), nn.Linear(width, width, bias=False), act(),
+        nn.Linear(inputs, width),
+        act(),
+        nn.Linear(width, width, bias=False),
+        act(),
         nn.Linear(width, outputs),
     )
 
@@ -43,8 +46,10 @@ CASES: dict[str, dict] = {}
 
 for _name, _act in ACTIVATIONS.items():
     CASES[f"mlp-{_name}"] = dict(
-        model_fn=_mlp(_act), input_fn=lambda: torch.randn(N, 4) * 2,
-        target_fn=_labels(3), loss_fn=nn.CrossEntropyLoss,
+        model_fn=_mlp(_act),
+        input_fn=lambda: torch.randn(N, 4) * 2,
+        target_fn=_labels(3),
+        loss_fn=nn.CrossEntropyLoss,
     )
 
 
@@ -57,8 +62,10 @@ def _conv_case(conv, dims, head_act=nn.Tanh, pool=None, size=6, channels=2):
         return nn.Sequential(*layers)
 
     return dict(
-        model_fn=model, input_fn=lambda: torch.randn(N, channels, *([size] * dims)),
-        target_fn=_labels(3), loss_fn=nn.CrossEntropyLoss,
+        model_fn=model,
+        input_fn=lambda: torch.randn(N, channels, *([size] * dims)),
+        target_fn=_labels(3),
+        loss_fn=nn.CrossEntropyLoss,
     )
 
 
@@ -72,7 +79,8 @@ CONVS = {
     "conv3d": (lambda: nn.Conv3d(2, 2, 2, stride=2, padding=1), 3),
     "convtranspose1d": (lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), 1),
     "convtranspose2d-outpad": (
-        lambda: nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2), 2
+        lambda: nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+        2,
     ),
     "convtranspose3d": (lambda: nn.ConvTranspose3d(2, 2, 2, dilation=2), 3),
 }
@@ -88,7 +96,8 @@ POOLS = {
     "avgpool1d-nopadcount": (lambda: nn.AvgPool1d(3, 2, 1, count_include_pad=False), 1),
     "avgpool2d": (lambda: nn.AvgPool2d(2), 2),
     "avgpool2d-ceil-nopadcount": (
-        lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), 2
+        lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        2,
     ),
     "avgpool2d-divisor": (lambda: nn.AvgPool2d(2, stride=1, divisor_override=3), 2),
     "avgpool3d": (lambda: nn.AvgPool3d(2, stride=1), 3),
@@ -99,13 +108,18 @@ POOLS = {
 _CONV_OF_DIM = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 for _name, (_pool, _dims) in POOLS.items():
     CASES[_name] = _conv_case(
-        (lambda d: lambda: _CONV_OF_DIM[d](2, 2, 2, padding=1))(_dims), _dims, pool=_pool,
+        (lambda d: lambda: _CONV_OF_DIM[d](2, 2, 2, padding=1))(_dims),
+        _dims,
+        pool=_pool,
         size=5 if _dims < 3 else 3,
     )
 
 CASES["conv2d-relu-maxpool"] = _conv_case(
-    lambda: nn.Conv2d(2, 3, 2, padding=1), 2, head_act=nn.ReLU,
-    pool=lambda: nn.MaxPool2d(2, stride=1), size=4,
+    lambda: nn.Conv2d(2, 3, 2, padding=1),
+    2,
+    head_act=nn.ReLU,
+    pool=lambda: nn.MaxPool2d(2, stride=1),
+    size=4,
 )
 
 CASES.update(
@@ -114,7 +128,8 @@ CASES.update(
             model_fn=lambda: nn.Sequential(
                 nn.Linear(4, 6), nn.Dropout(0.4), nn.Tanh(), nn.Linear(6, 3)
             ),
-            input_fn=lambda: torch.randn(N, 4), target_fn=_labels(3),
+            input_fn=lambda: torch.randn(N, 4),
+            target_fn=_labels(3),
             loss_fn=nn.CrossEntropyLoss,
         ),
         "dropout2d-train": _conv_case(
@@ -124,15 +139,23 @@ CASES.update(
             model_fn=lambda: nn.Sequential(
                 nn.Linear(4, 6), nn.Dropout(0.4).eval(), nn.Tanh(), nn.Linear(6, 3)
             ),
-            input_fn=lambda: torch.randn(N, 4), target_fn=_labels(3),
+            input_fn=lambda: torch.randn(N, 4),
+            target_fn=_labels(3),
             loss_fn=nn.CrossEntropyLoss,
         ),
         "zeropad2d-identity-unflatten": dict(
             model_fn=lambda: nn.Sequential(
-                nn.Linear(8, 8), nn.Unflatten(1, (2, 2, 2)), nn.ZeroPad2d((1, 0, 2, 1)),
-                nn.Conv2d(2, 2, 2), nn.Identity(), nn.Sigmoid(), nn.Flatten(), nn.Linear(16, 3),
+                nn.Linear(8, 8),
+                nn.Unflatten(1, (2, 2, 2)),
+                nn.ZeroPad2d((1, 0, 2, 1)),
+                nn.Conv2d(2, 2, 2),
+                nn.Identity(),
+                nn.Sigmoid(),
+                nn.Flatten(),
+                nn.Linear(16, 3),
             ),
-            input_fn=lambda: torch.randn(N, 8), target_fn=_labels(3),
+            input_fn=lambda: torch.randn(N, 8),
+            target_fn=_labels(3),
             loss_fn=nn.CrossEntropyLoss,
         ),
         "nested-sequential": dict(
@@ -140,18 +163,22 @@ CASES.update(
                 nn.Sequential(nn.Linear(4, 5), nn.Tanh()),
                 nn.Sequential(nn.Sequential(nn.Linear(5, 5), nn.ELU()), nn.Linear(5, 3)),
             ),
-            input_fn=lambda: torch.randn(N, 4), target_fn=_labels(3),
+            input_fn=lambda: torch.randn(N, 4),
+            target_fn=_labels(3),
             loss_fn=nn.CrossEntropyLoss,
         ),
         "logsoftmax-nll": dict(
             model_fn=lambda: nn.Sequential(
                 nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.LogSoftmax(dim=1)
             ),
-            input_fn=lambda: torch.randn(N, 4), target_fn=_labels(3), loss_fn=nn.NLLLoss,
+            input_fn=lambda: torch.randn(N, 4),
+            target_fn=_labels(3),
+            loss_fn=nn.NLLLoss,
         ),
         "linear-on-sequence": dict(
             model_fn=lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)),
-            input_fn=lambda: torch.randn(N, 3, 4), target_fn=lambda: torch.randn(N, 3, 2),
+            input_fn=lambda: torch.randn(N, 3, 4),
+            target_fn=lambda: torch.randn(N, 3, 2),
             loss_fn=nn.MSELoss,
         ),
     }
@@ -180,7 +207,8 @@ LOSSES = {
         lambda: torch.randint(0, 2, (N, 3)).double(),
     ),
     "bce-logits-sum-soft": (
-        lambda: nn.BCEWithLogitsLoss(reduction="sum"), lambda: torch.rand(N, 3)
+        lambda: nn.BCEWithLogitsLoss(reduction="sum"),
+        lambda: torch.rand(N, 3),
     ),
     "nll-after-logsoftmax": (nn.NLLLoss, _labels(3)),
 }
@@ -191,7 +219,9 @@ for _name, (_loss, _target) in LOSSES.items():
             if _name.startswith("nll")
             else _mlp(nn.Tanh)
         ),
-        input_fn=lambda: torch.randn(N, 4), target_fn=_target, loss_fn=_loss,
+        input_fn=lambda: torch.randn(N, 4),
+        target_fn=_target,
+        loss_fn=_loss,
     )
 
 

@@ -70,8 +70,15 @@ def test_hutchinson_is_within_its_standard_error(name):
     h = torch.func.hessian(loss_of_flat)(flat)
     std = ((h**2).sum(1) - h.diagonal() ** 2).sqrt()
     k = 2000
-    _, est = hesscale.diagonal(model, loss_fn, x, y, method="hutchinson", samples=k,
-                               generator=torch.Generator().manual_seed(0))
+    _, est = hesscale.diagonal(
+        model,
+        loss_fn,
+        x,
+        y,
+        method="hutchinson",
+        samples=k,
+        generator=torch.Generator().manual_seed(0),
+    )
     est = torch.cat([est[n].reshape(-1) for n in names])
     assert ((est - h.diagonal()).abs() <= 5 * std / k**0.5 + 1e-12).all()
     assert not torch.allclose(est, h.diagonal())  # really stochastic
@@ -99,8 +106,15 @@ def test_stochastic_estimators_repeat_with_a_seeded_generator():
     model, loss_fn, x, y = build(CASES["mlp-tanh"])
     for method in ("ggn_mc", "hutchinson", "kfac_mc"):
         runs = [
-            hesscale.diagonal(model, loss_fn, x, y, method=method, samples=3,
-                              generator=torch.Generator().manual_seed(7))[1]
+            hesscale.diagonal(
+                model,
+                loss_fn,
+                x,
+                y,
+                method=method,
+                samples=3,
+                generator=torch.Generator().manual_seed(7),
+            )[1]
             for _ in range(2)
         ]
         assert_close_dicts(runs[0], runs[1], rtol=0, atol=0)
@@ -127,8 +141,17 @@ def test_ggn_refuses_nll_after_logsoftmax():
 
 def test_ggn_mc_individual_sums_to_the_batch_estimate():
     model, loss_fn, x, y = build(CASES["conv1d"])
-    _, each = hesscale.diagonal(model, loss_fn, x, y, method="ggn_mc", samples=3, individual=True,
-                                generator=torch.Generator().manual_seed(1))
-    _, batch = hesscale.diagonal(model, loss_fn, x, y, method="ggn_mc", samples=3,
-                                 generator=torch.Generator().manual_seed(1))
+    _, each = hesscale.diagonal(
+        model,
+        loss_fn,
+        x,
+        y,
+        method="ggn_mc",
+        samples=3,
+        individual=True,
+        generator=torch.Generator().manual_seed(1),
+    )
+    _, batch = hesscale.diagonal(
+        model, loss_fn, x, y, method="ggn_mc", samples=3, generator=torch.Generator().manual_seed(1)
+    )
     assert_close_dicts({k: v.sum(0) for k, v in each.items()}, batch)

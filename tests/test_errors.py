@@ -61,36 +61,47 @@ def _run(model, method="hesscale"):
 
 def test_unsupported_layer_is_named_with_its_path():
     model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.BatchNorm1d(4)), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModuleError, match=r"'1\.0' \(BatchNorm1d\).*Supported layers:.*Linear"):
+    with pytest.raises(
+        UnsupportedModuleError, match=r"'1\.0' \(BatchNorm1d\).*Supported layers:.*Linear"
+    ):
         hesscale.extend(model)
 
 
-@pytest.mark.parametrize("module, words", [
-    (nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), "padding_mode"),
-    (nn.ReLU(inplace=True), "inplace"),
-    (nn.MaxPool2d(2, return_indices=True), "return_indices"),
-    (nn.LogSoftmax(), "explicit dim"),
-])
+@pytest.mark.parametrize(
+    "module, words",
+    [
+        (nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+        (nn.ReLU(inplace=True), "inplace"),
+        (nn.MaxPool2d(2, return_indices=True), "return_indices"),
+        (nn.LogSoftmax(), "explicit dim"),
+    ],
+)
 def test_unsupported_configuration(module, words):
     with pytest.raises(UnsupportedModuleError, match=words):
         hesscale.extend(nn.Sequential(module))
 
 
-@pytest.mark.parametrize("loss, words", [
-    (nn.CrossEntropyLoss(reduction="none"), "reduction='none'"),
-    (nn.HuberLoss(), "HuberLoss.*Supported losses"),
-])
+@pytest.mark.parametrize(
+    "loss, words",
+    [
+        (nn.CrossEntropyLoss(reduction="none"), "reduction='none'"),
+        (nn.HuberLoss(), "HuberLoss.*Supported losses"),
+    ],
+)
 def test_unsupported_loss(loss, words):
     with pytest.raises(UnsupportedModuleError, match=words):
         hesscale.extend(loss)
 
 
-@pytest.mark.parametrize("model, words", [
-    (Residual(), "not the unmodified output.*'a'"),
-    (Functional(), "not the unmodified output"),
-    (Reused(), "called twice"),
-    (TailOp(), "computation follows"),
-])
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        (Residual(), "not the unmodified output.*'a'"),
+        (Functional(), "not the unmodified output"),
+        (Reused(), "called twice"),
+        (TailOp(), "computation follows"),
+    ],
+)
 def test_non_chain_forward_is_refused(model, words):
     with pytest.raises(NonChainForwardError, match=words):
         _run(model)
@@ -157,9 +168,7 @@ def test_registering_a_rule_for_a_custom_layer():
 
     def scale_rule(ctx):
         s = ctx.curvature_output
-        return hesscale.Backprop(
-            s * ctx.module.c**2, {"c": (s * ctx.input**2).sum(0)}
-        )
+        return hesscale.Backprop(s * ctx.module.c**2, {"c": (s * ctx.input**2).sum(0)})
 
     hesscale.register_rule(Scale, scale_rule)
     torch.manual_seed(0)
@@ -167,6 +176,7 @@ def test_registering_a_rule_for_a_custom_layer():
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1])
     _, estimate = hesscale.diagonal(model, nn.CrossEntropyLoss(), x, y)
     from hesscale.reference import recursion_reference
+
     expected = recursion_reference(model, nn.CrossEntropyLoss(), x, y)
     for k in expected:
         torch.testing.assert_close(estimate[k], expected[k])

@@ -8,7 +8,13 @@ from torch import nn
 
 import hesscale
 from hesscale.optim import (
-    OPTIMIZERS, AdaBL89, AdaGGNMC, AdaHessian, AdaHesScale, AdaHesScaleGN, CurvatureAdam,
+    OPTIMIZERS,
+    AdaBL89,
+    AdaGGNMC,
+    AdaHesScale,
+    AdaHesScaleGN,
+    AdaHessian,
+    CurvatureAdam,
 )
 
 CURVATURE_OPTIMIZERS = [AdaHesScale, AdaHesScaleGN, AdaBL89, AdaGGNMC]
@@ -34,14 +40,17 @@ def _train(model, loss_fn, x, y, opt, steps, create_graph=False):
 
 
 @pytest.mark.parametrize("opt_class", CURVATURE_OPTIMIZERS + [AdaHessian])
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lr=-1.0), "Invalid learning rate: -1.0"),
-    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
-    (dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
-    (dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
-    (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
-    (dict(update_every=0), "Invalid update_every value: 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+        (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+        (dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
+        (dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
+        (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+        (dict(update_every=0), "Invalid update_every value: 0"),
+    ],
+)
 def test_invalid_hyperparameters(opt_class, kwargs, message):
     model, *_ = _problem()
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -61,10 +70,12 @@ class GradAbs(CurvatureAdam):
 def test_squared_gradient_as_curvature_is_adam(weight_decay, decoupled):
     model, loss_fn, x, y = _problem()
     twin = copy.deepcopy(model)
-    ours = GradAbs(model.parameters(), lr=0.01, weight_decay=weight_decay,
-                   decoupled_weight_decay=decoupled)
+    ours = GradAbs(
+        model.parameters(), lr=0.01, weight_decay=weight_decay, decoupled_weight_decay=decoupled
+    )
     theirs = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
-        twin.parameters(), lr=0.01, weight_decay=weight_decay)
+        twin.parameters(), lr=0.01, weight_decay=weight_decay
+    )
     _train(model, loss_fn, x, y, ours, 10)
     _train(twin, loss_fn, x, y, theirs, 10)
     for a, b in zip(model.parameters(), twin.parameters()):
@@ -94,10 +105,13 @@ def test_state_dict_round_trip_continues_bit_for_bit(opt_class):
 def test_parameter_groups_apply_their_own_settings():
     model, loss_fn, x, y = _problem()
     first = [p.detach().clone() for p in model[0].parameters()]
-    opt = AdaHesScale([
-        {"params": model[0].parameters(), "lr": 0.0},
-        {"params": model[2].parameters()},
-    ], lr=0.05)
+    opt = AdaHesScale(
+        [
+            {"params": model[0].parameters(), "lr": 0.0},
+            {"params": model[2].parameters()},
+        ],
+        lr=0.05,
+    )
     assert opt.param_groups[1]["lr"] == 0.05
     _train(model, loss_fn, x, y, opt, 3)
     assert all(torch.equal(a, b) for a, b in zip(first, model[0].parameters()))
@@ -186,8 +200,15 @@ def test_closure_scheduler_and_zero_grad():
 
 
 def test_registry_lists_every_optimizer():
-    assert set(OPTIMIZERS) == {"sgd", "adam", "adahessian", "adaggnmc", "adabl89",
-                               "adahesscale", "adahesscalegn"}
+    assert set(OPTIMIZERS) == {
+        "sgd",
+        "adam",
+        "adahessian",
+        "adaggnmc",
+        "adabl89",
+        "adahesscale",
+        "adahesscalegn",
+    }
 
 
 def test_plain_adam_on_an_extended_model_computes_no_estimate():

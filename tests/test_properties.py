@@ -76,8 +76,9 @@ def test_gauss_newton_equals_ggn_where_nothing_is_dropped():
     of the GGN or the Hessian is dropped, so HesScaleGN is the exact GGN diagonal and HesScale
     the exact Hessian diagonal."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 1), nn.ReLU(), nn.Linear(1, 1), nn.LeakyReLU(0.3),
-                          nn.Linear(1, 4)).double()
+    model = nn.Sequential(
+        nn.Linear(3, 1), nn.ReLU(), nn.Linear(1, 1), nn.LeakyReLU(0.3), nn.Linear(1, 4)
+    ).double()
     x = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randn(5, 4, dtype=torch.float64)
     loss_fn = nn.MSELoss()
@@ -96,7 +97,9 @@ def test_off_diagonal_terms_are_really_dropped():
 
 
 @pytest.mark.parametrize("method", ["hesscale", "hesscale_gn", "bl89"])
-@pytest.mark.parametrize("name", ["mlp-tanh", "conv2d-groups2", "loss-mse-mean", "loss-bce-logits-multilabel"])
+@pytest.mark.parametrize(
+    "name", ["mlp-tanh", "conv2d-groups2", "loss-mse-mean", "loss-bce-logits-multilabel"]
+)
 def test_mean_is_sum_over_batch_size(name, method):
     model, loss_fn, x, y = build(CASES[name])
     loss_fn.reduction = "mean"
@@ -109,18 +112,23 @@ def test_mean_is_sum_over_batch_size(name, method):
 
 
 @pytest.mark.parametrize("method", ["hesscale", "hesscale_gn", "bl89"])
-@pytest.mark.parametrize("name", ["mlp-elu", "conv1d-stride2-pad1-dil2", "avgpool2d-ceil-nopadcount"])
+@pytest.mark.parametrize(
+    "name", ["mlp-elu", "conv1d-stride2-pad1-dil2", "avgpool2d-ceil-nopadcount"]
+)
 def test_batch_is_sum_of_single_examples(name, method):
     model, loss_fn, x, y = build(CASES[name])
     loss_fn.reduction = "sum"
     _, batch = hesscale.diagonal(model, loss_fn, x, y, method=method)
-    singles = [hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1], method=method)[1]
-               for i in range(len(x))]
+    singles = [
+        hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1], method=method)[1]
+        for i in range(len(x))
+    ]
     assert_close_dicts(batch, {k: sum(s[k] for s in singles) for k in batch})
 
 
-@pytest.mark.parametrize("name", ["mlp-elu", "conv1d-stride2-pad1-dil2", "linear-on-sequence",
-                                  "convtranspose2d-outpad"])
+@pytest.mark.parametrize(
+    "name", ["mlp-elu", "conv1d-stride2-pad1-dil2", "linear-on-sequence", "convtranspose2d-outpad"]
+)
 def test_individual_estimates_are_the_single_example_estimates(name):
     model, loss_fn, x, y = build(CASES[name])
     loss_fn.reduction = "sum"
@@ -172,8 +180,12 @@ def test_gaussian_nll_with_a_variance_network():
 
     def loss_of(mean_params, var_params):
         from torch.func import functional_call
-        return loss_fn(functional_call(mean_net, mean_params, (x,)), t,
-                       functional_call(var_net, var_params, (x,)))
+
+        return loss_fn(
+            functional_call(mean_net, mean_params, (x,)),
+            t,
+            functional_call(var_net, var_params, (x,)),
+        )
 
     mp = {k: v.detach() for k, v in mean_net.named_parameters()}
     vp = {k: v.detach() for k, v in var_net.named_parameters()}

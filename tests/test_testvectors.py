@@ -13,7 +13,9 @@ from hesscale.reference import exact_hessian_diagonal
 
 from .conftest import assert_close_dicts
 
-VECTORS = json.loads((Path(__file__).parent / "fixtures" / "original_hesscale_mlp.json").read_text())
+VECTORS = json.loads(
+    (Path(__file__).parent / "fixtures" / "original_hesscale_mlp.json").read_text()
+)
 
 
 def _layer(name: str, params: dict, index: int) -> nn.Module:
@@ -28,7 +30,9 @@ def _layer(name: str, params: dict, index: int) -> nn.Module:
 def _build(case):
     model = nn.Sequential(*(_layer(n, case["params"], i) for i, n in enumerate(case["layers"])))
     model = model.double()
-    model.load_state_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in case["params"].items()})
+    model.load_state_dict(
+        {k: torch.tensor(v, dtype=torch.float64) for k, v in case["params"].items()}
+    )
     loss = {"cross_entropy": nn.CrossEntropyLoss, "mse": nn.MSELoss}[case["loss"]]
     x = torch.tensor(case["inputs"], dtype=torch.float64)
     y = torch.tensor(case["targets"])

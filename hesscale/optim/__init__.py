@@ -2,7 +2,7 @@
 
 from ._base import CurvatureAdam
 from ._functional import curvature_adam
-from .optimizers import OPTIMIZERS, AdaBL89, AdaGGNMC, AdaHessian, AdaHesScale, AdaHesScaleGN
+from .optimizers import OPTIMIZERS, AdaBL89, AdaGGNMC, AdaHesScale, AdaHesScaleGN, AdaHessian
 
 __all__ = [
     "OPTIMIZERS",

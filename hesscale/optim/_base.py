@@ -65,8 +65,13 @@ class CurvatureAdam(Optimizer):
             f"Invalid update_every value: {update_every} (a positive integer)",
         )
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, eps_root=eps_root, weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, update_every=update_every,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            eps_root=eps_root,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            update_every=update_every,
             maximize=maximize,
         )
         super().__init__(params, defaults)
@@ -114,7 +119,7 @@ class CurvatureAdam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update; ``closure`` re-evaluates the model (forward and backward) and returns the loss."""
+        """One update; ``closure`` re-evaluates the model (forward, backward), returns the loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -133,9 +138,7 @@ class CurvatureAdam(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             update_curvature = self._wants_estimate(group)
-            estimates = (
-                self._estimates(group, params) if update_curvature else [None] * len(params)
-            )
+            estimates = self._estimates(group, params) if update_curvature else [None] * len(params)
             for p in params:
                 self.state[p]["step"] += 1
                 if update_curvature:
@@ -149,10 +152,16 @@ class CurvatureAdam(Optimizer):
                 [self.state[p]["exp_avg_sq"] for p in params],
                 [self.state[p]["step"] for p in params],
                 [self.state[p]["curvature_step"] for p in params],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                eps_root=group["eps_root"], weight_decay=group["weight_decay"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                eps_root=group["eps_root"],
+                weight_decay=group["weight_decay"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                squared=self.squared, power=self.power, maximize=group["maximize"],
+                squared=self.squared,
+                power=self.power,
+                maximize=group["maximize"],
             )
             self._request(group, self._wants_estimate(group))
         return loss

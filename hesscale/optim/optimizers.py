@@ -14,7 +14,8 @@ class AdaHesScale(CurvatureAdam):
     .. math::
         m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
         v_t = \beta_2 v_{t-1} + (1-\beta_2) \hat{S}_t^2,\quad
-        \theta_t = \theta_{t-1} - \alpha \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
+        \theta_t = \theta_{t-1}
+            - \alpha \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
 
     with :math:`\hat{S}_t` the HesScale estimate of :math:`\operatorname{diag}\nabla^2_\theta L`
     computed in ``loss.backward()`` of an extended model and loss. See :class:`CurvatureAdam`
@@ -62,8 +63,15 @@ class AdaHessian(CurvatureAdam):
     must keep its graph: ``loss.backward(create_graph=True)``.
     """
 
-    def __init__(self, params, lr: float = 0.15, *, hessian_power: float = 1.0,
-                 generator: torch.Generator | None = None, **kwargs):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.15,
+        *,
+        hessian_power: float = 1.0,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
         if not 0.0 <= hessian_power <= 1.0:
             raise ValueError(f"Invalid Hessian power value: {hessian_power}")
         super().__init__(params, lr=lr, **kwargs)
@@ -77,8 +85,8 @@ class AdaHessian(CurvatureAdam):
                 "before step()"
             )
         probes = [
-            torch.randint(0, 2, p.shape, generator=self.generator, device=p.device).to(p.dtype)
-            * 2 - 1
+            torch.randint(0, 2, p.shape, generator=self.generator, device=p.device).to(p.dtype) * 2
+            - 1
             for p in params
         ]
         with torch.enable_grad():

@@ -31,6 +31,10 @@ class LayerContext:
         need_input_curvature: whether ``ŝ_x`` is needed (False for the first layer).
         individual: return parameter estimates per example, shaped ``(N, *param.shape)``,
             instead of their sum over the batch.
+        workspace: a dict that persists across calls for this module, for buffers that a rule
+            may overwrite in place (see :func:`buffer`), or None when results must be fresh
+            tensors (``hesscale.diagonal``). On CPU, reusing parameter-sized buffers avoids
+            page-faulting fresh memory every step, which costs more than the arithmetic.
     """
 
     module: nn.Module
@@ -41,6 +45,7 @@ class LayerContext:
     method: Method
     need_input_curvature: bool
     individual: bool = False
+    workspace: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,23 @@ def rule_for(module: nn.Module, path: str) -> Rule:
 def no_inplace(module: nn.Module) -> str | None:
     """Shared check: in-place modules overwrite tensors that the rules read in the backward."""
     if getattr(module, "inplace", False):
-        return "inplace=True is not supported (it overwrites what the backward rule needs); use inplace=False"
+        return (
+            "inplace=True is not supported (it overwrites what the backward rule needs); "
+            "use inplace=False"
+        )
     return None
+
+
+def buffer(workspace: dict | None, key: str, like: Tensor, shape=None) -> Tensor | None:
+    """A reusable buffer shaped ``shape`` (default: ``like``'s) from ``workspace``, or None
+    when there is no workspace (then pass ``out=None`` and let torch allocate)."""
+    if workspace is None:
+        return None
+    shape = tuple(like.shape if shape is None else shape)
+    buf = workspace.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[key] = like.new_empty(shape)
+    return buf
 
 
 def squared(t: Tensor) -> Tensor:
@@ -129,4 +149,5 @@ __all__ = [
     "supported_types",
     "no_inplace",
     "squared",
+    "buffer",
 ]

@@ -40,7 +40,7 @@ def _explicit_padding(module: nn.Module) -> list[tuple[int, int]]:
 
 
 def conv_rule(ctx: LayerContext) -> Backprop:
-    """Eq. 8–9 through ``aten.convolution_backward``; ``h: (N, C_in, *S)``, ``ŝ_a: (N, C_out, *S')``."""
+    """Eq. 8–9 by ``aten.convolution_backward``; ``h: (N, C_in, *S)``, ``ŝ_a: (N, C_out, *S')``."""
     module = ctx.module
     transposed = isinstance(module, TRANSPOSED)
     h_sq = squared(ctx.input)
@@ -51,8 +51,12 @@ def conv_rule(ctx: LayerContext) -> Backprop:
         output_padding = [
             y - ((x - 1) * s - 2 * p + d * (k - 1) + 1)
             for y, x, s, p, d, k in zip(
-                ctx.output.shape[2:], ctx.input.shape[2:], module.stride, module.padding,
-                module.dilation, module.kernel_size,
+                ctx.output.shape[2:],
+                ctx.input.shape[2:],
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.kernel_size,
             )
         ]
         crop = None
@@ -70,9 +74,17 @@ def conv_rule(ctx: LayerContext) -> Backprop:
 
     def backward(s_out, h_sq, need_input):
         return torch.ops.aten.convolution_backward(
-            s_out, h_sq, w_sq, [module.out_channels] if has_bias else None,
-            list(module.stride), padding, list(module.dilation), transposed, output_padding,
-            module.groups, [need_input, True, has_bias],
+            s_out,
+            h_sq,
+            w_sq,
+            [module.out_channels] if has_bias else None,
+            list(module.stride),
+            padding,
+            list(module.dilation),
+            transposed,
+            output_padding,
+            module.groups,
+            [need_input, True, has_bias],
         )
 
     s_out = ctx.curvature_output

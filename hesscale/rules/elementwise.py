@@ -9,7 +9,9 @@ where ``ŝ_h`` already holds the sum ``Σ_k ŝ_{next,k} W_{k,i}²`` of the follo
 everywhere, so both variants coincide.
 
 Each table entry gives ``σ'`` and ``σ''`` as functions of the module (for its settings), the input
-``a`` and the output ``h`` (whichever is cheaper).
+``a`` and the output ``h`` (whichever is cheaper). They must return fresh tensors: the rule
+combines them in place, since on CPU every temporary of activation size costs more than the
+arithmetic.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._registry import Backprop, LayerContext, no_inplace, register_rule, squared
+from ._registry import Backprop, LayerContext, no_inplace, register_rule
 
 Derivative = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
@@ -97,8 +99,14 @@ def _hardtanh_df(module, a, h):
 
 
 ACTIVATIONS: dict[type[nn.Module], Activation] = {
-    nn.Tanh: Activation(lambda m, a, h: 1 - h * h, lambda m, a, h: -2 * h * (1 - h * h)),
-    nn.Sigmoid: Activation(lambda m, a, h: h * (1 - h), lambda m, a, h: h * (1 - h) * (1 - 2 * h)),
+    nn.Tanh: Activation(  # σ' = 1 − h², σ'' = −2h(1 − h²)
+        lambda m, a, h: torch.mul(h, h).neg_().add_(1),
+        lambda m, a, h: torch.mul(h, h).neg_().add_(1).mul_(h).mul_(-2),
+    ),
+    nn.Sigmoid: Activation(  # σ' = h − h², σ'' = (h − h²)(1 − 2h)
+        lambda m, a, h: torch.addcmul(h, h, h, value=-1),
+        lambda m, a, h: torch.addcmul(h, h, h, value=-1).mul_(h.mul(-2).add_(1)),
+    ),
     nn.ReLU: Activation(lambda m, a, h: _step(a, 1.0, 0.0), _zero, piecewise_linear=True),
     nn.LeakyReLU: Activation(
         lambda m, a, h: _step(a, 1.0, m.negative_slope), _zero, piecewise_linear=True
@@ -133,9 +141,10 @@ def elementwise_rule(ctx: LayerContext) -> Backprop:
         return Backprop(None)
     act = ACTIVATIONS[type(ctx.module)]
     a, h = ctx.input, ctx.output
-    s_in = squared(act.df(ctx.module, a, h)) * ctx.curvature_output
+    df = act.df(ctx.module, a, h)
+    s_in = df.mul_(df).mul_(ctx.curvature_output)
     if ctx.method.second_order_term and not act.piecewise_linear:
-        s_in = s_in + act.d2f(ctx.module, a, h) * ctx.grad_output
+        s_in.addcmul_(act.d2f(ctx.module, a, h), ctx.grad_output)
     return Backprop(s_in)
 
 

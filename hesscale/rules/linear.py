@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._registry import Backprop, LayerContext, register_rule, squared
+from ._registry import Backprop, LayerContext, buffer, register_rule, squared
 
 
 def linear_rule(ctx: LayerContext) -> Backprop:
     """Eq. 4–5 for a fully connected layer; shapes ``h: (N, *, in)``, ``ŝ_a: (N, *, out)``."""
     module = ctx.module
+    ws, weight = ctx.workspace, module.weight
     if ctx.individual:  # per example n: Σ over the other positions t
         n = ctx.input.shape[0]
         s_out = ctx.curvature_output.reshape(n, -1, module.out_features)
@@ -29,12 +30,13 @@ def linear_rule(ctx: LayerContext) -> Backprop:
     else:
         s_out = ctx.curvature_output.reshape(-1, module.out_features)
         h_sq = squared(ctx.input.reshape(-1, module.in_features))
-        params = {"weight": s_out.T @ h_sq}
+        params = {"weight": torch.mm(s_out.T, h_sq, out=buffer(ws, "weight", weight))}
         if module.bias is not None:
-            params["bias"] = s_out.sum(0)
+            params["bias"] = torch.sum(s_out, 0, out=buffer(ws, "bias", module.bias))
     s_in = None
     if ctx.need_input_curvature:
-        s_in = ctx.curvature_output @ squared(module.weight)
+        w_sq = torch.mul(weight, weight, out=buffer(ws, "w_sq", weight))
+        s_in = ctx.curvature_output @ w_sq
     return Backprop(s_in, params)
 
 

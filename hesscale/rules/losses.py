@@ -33,7 +33,9 @@ def _classes_last(t: Tensor) -> Tensor:
     return t.movedim(1, -1) if t.dim() > 2 else t
 
 
-def cross_entropy_coefficients(module: nn.CrossEntropyLoss, logits: Tensor, target: Tensor) -> Tensor:
+def cross_entropy_coefficients(
+    module: nn.CrossEntropyLoss, logits: Tensor, target: Tensor
+) -> Tensor:
     """Coefficients ``a`` with ``L = −Σ_{n,c} a[n, c] log q[n, c]``, shaped like ``logits``.
 
     Class-index targets: ``a = (1 − ε) w_y [c = y] + (ε / C) w_c`` (zero for ignored targets),
@@ -71,7 +73,7 @@ def _cross_entropy(module, args, method):
 
 
 def _nll(module, args, method):
-    """NLLLoss is linear in the log-probabilities: its Hessian is zero (LogSoftmax's rule does the rest)."""
+    """NLLLoss is linear in the log-probabilities: its Hessian is zero (LogSoftmax does the rest)."""
     return {"input": torch.zeros_like(args["input"])}
 
 

@@ -53,12 +53,18 @@ def _avg_pool_inverse_divisor(module: nn.Module, x: Tensor) -> Tensor:
     average = module(ones)
     dims = len(ones.shape) - 2
     kernel, stride, padding = (
-        torch.nn.modules.utils._ntuple(dims)(v) for v in (module.kernel_size, module.stride, module.padding)
+        torch.nn.modules.utils._ntuple(dims)(v)
+        for v in (module.kernel_size, module.stride, module.padding)
     )
     if dims == 1:  # avg_pool1d has no divisor_override: count through the 2d version
         count = F.avg_pool2d(
-            ones.unsqueeze(-2), (1, kernel[0]), (1, stride[0]), (0, padding[0]),
-            module.ceil_mode, count_include_pad=False, divisor_override=1,
+            ones.unsqueeze(-2),
+            (1, kernel[0]),
+            (1, stride[0]),
+            (0, padding[0]),
+            module.ceil_mode,
+            count_include_pad=False,
+            divisor_override=1,
         ).squeeze(-2)
     else:
         pool = F.avg_pool2d if dims == 2 else F.avg_pool3d

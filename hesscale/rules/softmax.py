@@ -31,7 +31,9 @@ def log_softmax_rule(ctx: LayerContext) -> Backprop:
     s, g = ctx.curvature_output, ctx.grad_output
     if not ctx.method.exact_output:
         return Backprop((1 - q) ** 2 * s + (q * q - q) * g)
-    s_in = s * (1 - 2 * q) + q * q * s.sum(dim, keepdim=True) - g.sum(dim, keepdim=True) * (q - q * q)
+    s_in = (
+        s * (1 - 2 * q) + q * q * s.sum(dim, keepdim=True) - g.sum(dim, keepdim=True) * (q - q * q)
+    )
     return Backprop(s_in)
 
 

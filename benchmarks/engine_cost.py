@@ -1,0 +1,112 @@
+"""Cost of the engine's estimates over a plain forward + backward, measured side by side.
+
+Prints, for the paper's Fig. 2 networks at batch sizes 1 and 128, the time of a forward and
+backward pass that computes each method's estimate divided by the time of the same pass
+computing gradients alone (an un-extended copy of the model), and the ratio of peak memory.
+Also reports an extended model with no estimate requested (what plain Adam on an extended
+model pays).
+
+    python benchmarks/engine_cost.py [--rounds 20] [--batch-sizes 1 128] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+
+import torch
+from torch import nn
+
+import hesscale
+from hesscale.experiments.networks import fig2a_network, fig2b_network, parameter_count
+from hesscale.experiments.timing import interleaved_times, peak_memory
+
+METHODS = ["hesscale", "hesscale_gn", "bl89", "ggn_mc"]
+
+
+def networks():
+    for layers in (1, 2, 4, 8, 16):
+        yield f"L={layers} (100 out)", lambda layers=layers: fig2b_network(layers)
+    for outputs in (16, 64, 256, 512):
+        yield f"1 hidden, {outputs} out", lambda outputs=outputs: fig2a_network(outputs)
+
+
+def measure(make, batch: int, rounds: int, device: str):
+    torch.manual_seed(0)
+    plain = make().to(device)
+    model = hesscale.extend(copy.deepcopy(plain))
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    outputs = model[-1].out_features
+    x = torch.randn(batch, 64, device=device)
+    y = torch.randint(0, outputs, (batch,), device=device)
+
+    def step(net, method):
+        def run():
+            hesscale.request(net.parameters(), method)
+            net.zero_grad(set_to_none=True)
+            loss_fn(net(x), y).backward()
+
+        return run
+
+    fns = {"plain": step(plain, None), "extended, no request": step(model, None)}
+    fns.update({m: step(model, m) for m in METHODS})
+    times = interleaved_times(fns, rounds=rounds, inner=3 if batch == 1 else 1, device=device)
+    memory = {name: peak_memory(fn, device) for name, fn in fns.items()}
+    hesscale.request(model.parameters(), None)
+    return parameter_count(plain), times, memory
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {args.device}"
+    )
+    rows = []
+    names = ["extended, no request"] + METHODS
+    header = f"{'network':<22}{'batch':>6}{'params':>10} | " + " ".join(
+        f"{n[:12]:>12}" for n in names
+    )
+    print("time over plain forward+backward (peak memory ratio in brackets)")
+    print(header)
+    for label, make in networks():
+        for batch in args.batch_sizes:
+            count, times, memory = measure(make, batch, args.rounds, args.device)
+            base_t, base_m = times["plain"]["median"], max(memory["plain"], 1)
+            cells = []
+            row = {
+                "network": label,
+                "batch": batch,
+                "params": count,
+                "plain_seconds": base_t,
+                "plain_peak_bytes": memory["plain"],
+            }
+            for n in names:
+                ratio_t = times[n]["median"] / base_t
+                ratio_m = memory[n] / base_m
+                row[n] = {
+                    "time_ratio": ratio_t,
+                    "memory_ratio": ratio_m,
+                    "seconds": times[n]["median"],
+                }
+                cells.append(f"{ratio_t:5.2f}x({ratio_m:4.2f})")
+            rows.append(row)
+            print(
+                f"{label:<22}{batch:>6}{count:>10} | " + " ".join(f"{c:>12}" for c in cells),
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The paper's experiments (figures, training benchmarks); the core library never imports this."""
