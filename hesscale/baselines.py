@@ -107,15 +107,27 @@ def rademacher_like(params: dict[str, Tensor], samples: int, generator=None) -> 
     }
 
 
-def exact(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kwargs):
+def exact(
+    model, loss_fn, inputs, target, samples=1, generator=None, individual=False, **loss_kwargs
+):
+    _batch_only("exact", individual)
     loss, _ = _backward(model, loss_fn, inputs, target, loss_kwargs)
     return loss, exact_hessian_diagonal(model, loss_fn, inputs, target, **loss_kwargs)
 
 
-def ggn(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kwargs):
+def ggn(model, loss_fn, inputs, target, samples=1, generator=None, individual=False, **loss_kwargs):
+    _batch_only("ggn", individual)
     _require_output_loss(loss_fn)
     loss, _ = _backward(model, loss_fn, inputs, target, loss_kwargs)
     return loss, ggn_diagonal(model, loss_fn, inputs, target, **loss_kwargs)
+
+
+def _batch_only(name: str, individual: bool) -> None:
+    if individual:
+        raise UnsupportedModuleError(
+            f"{name} computes the batch's diagonal; per-example estimates (individual=True) are "
+            "offered by hesscale, hesscale_gn, bl89, ggn_mc and kfac_mc"
+        )
 
 
 def _require_output_loss(loss_fn):
@@ -126,7 +138,10 @@ def _require_output_loss(loss_fn):
         )
 
 
-def hutchinson(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kwargs):
+def hutchinson(
+    model, loss_fn, inputs, target, samples=1, generator=None, individual=False, **loss_kwargs
+):
+    _batch_only("hutchinson", individual)
     loss, _ = _backward(model, loss_fn, inputs, target, loss_kwargs)
     params = _trainable(model)
     probes = rademacher_like(params, samples, generator)
@@ -135,8 +150,14 @@ def hutchinson(model, loss_fn, inputs, target, samples=1, generator=None, **loss
     )
 
 
-def kfac_mc(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kwargs):
-    """Diagonal of KFAC for the Linear layers: ``diag(B)_i · diag(A)_j`` (bias: ``diag(B)_i``)."""
+def kfac_mc(
+    model, loss_fn, inputs, target, samples=1, generator=None, individual=False, **loss_kwargs
+):
+    """Diagonal of KFAC for the Linear layers: ``diag(B)_i · diag(A)_j`` (bias: ``diag(B)_i``).
+
+    ``individual=True`` gives each example's own KFAC diagonal, ``A_n = x_n x_nᵀ`` and
+    ``B_n = (1/k) Σ_m g_{nm} g_{nm}ᵀ``, shaped ``(N, *param.shape)``.
+    """
     _require_output_loss(loss_fn)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     others = [
@@ -165,20 +186,27 @@ def kfac_mc(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kw
     grads = torch.autograd.grad(out, outputs, factors, retain_graph=True, is_grads_batched=True)
     loss.backward()
     result = {}
+    n = len(inputs)
     for name, g in zip(names, grads):
         module = linears[name]
-        x = seen[name][0].detach().reshape(-1, module.in_features)
-        b_diag = (g * g).reshape(samples, -1, module.out_features).sum(1).mean(0)
-        a_diag = (x * x).sum(0) / len(inputs)
         prefix = f"{name}." if name else ""
+        x = seen[name][0].detach().reshape(n, -1, module.in_features)
+        b_diag = (g * g).reshape(samples, n, -1, module.out_features).sum(2).mean(0)  # (N, out)
+        a_diag = (x * x).sum(1)  # (N, in)
+        positions = x.shape[1]
+        if not individual:
+            b_diag, a_diag, positions = b_diag.sum(0), a_diag.sum(0) / n, positions
         if module.weight.requires_grad:
-            result[prefix + "weight"] = torch.outer(b_diag, a_diag)
+            result[prefix + "weight"] = b_diag.unsqueeze(-1) * a_diag.unsqueeze(-2)
         if module.bias is not None and module.bias.requires_grad:
-            result[prefix + "bias"] = b_diag * (x.shape[0] / len(inputs))
+            result[prefix + "bias"] = b_diag * positions
     return loss.detach(), result
 
 
-def grad_sq(model, loss_fn, inputs, target, samples=1, generator=None, **loss_kwargs):
+def grad_sq(
+    model, loss_fn, inputs, target, samples=1, generator=None, individual=False, **loss_kwargs
+):
+    _batch_only("grad_sq", individual)
     out = model(inputs)
     loss = loss_fn(out, target, **loss_kwargs)
     names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -39,8 +39,8 @@ def diagonal(
         samples: Monte-Carlo samples of the stochastic estimators.
         generator: a ``torch.Generator`` that makes the stochastic estimators repeatable.
         individual: per-example estimates ``(N, *param.shape)`` instead of the batch's (the
-            engine's methods ``hesscale``, ``hesscale_gn``, ``bl89``, ``ggn_mc``; the HesScale
-            rules of Linear and convolutions support it).
+            engine's methods ``hesscale``, ``hesscale_gn``, ``bl89``, ``ggn_mc``, and
+            ``kfac_mc``; the HesScale rules of Linear and convolutions support it).
         **loss_kwargs: further loss arguments (e.g. ``var=`` of GaussianNLLLoss).
 
     Returns:
@@ -62,6 +62,13 @@ def diagonal(
         )
     if method in baselines.BASELINES:
         return baselines.BASELINES[method](
-            model, loss_fn, inputs, target, samples=samples, generator=generator, **loss_kwargs
+            model,
+            loss_fn,
+            inputs,
+            target,
+            samples=samples,
+            generator=generator,
+            individual=individual,
+            **loss_kwargs,
         )
     raise UnsupportedModuleError(f"unknown method {method!r}; choose one of {list(ESTIMATORS)}")

@@ -22,7 +22,7 @@ def _sync(device: torch.device | str) -> None:
 
 
 def interleaved_times(
-    fns: dict[str, Callable[[], object]],
+    fns: dict[str, Callable[[], object] | tuple[Callable[[], object], Callable[[object], object]]],
     rounds: int = 30,
     inner: int = 1,
     warmup: int = 3,
@@ -30,22 +30,34 @@ def interleaved_times(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Time every function side by side: ``{name: {"median": s, "mean": s, "stderr": s}}``."""
-    for fn in fns.values():
+    """Time every function side by side: ``{name: {"median": s, "mean": s, "stderr": s}}``.
+
+    A value may be a pair ``(prepare, run)``: ``prepare()`` runs untimed before each timed
+    ``run(prepared)`` (e.g. a forward pass outside the clock of an update).
+    """
+    pairs = {
+        name: fn if isinstance(fn, tuple) else ((lambda: None), (lambda _, fn=fn: fn()))
+        for name, fn in fns.items()
+    }
+    for prepare, run in pairs.values():
         for _ in range(warmup):
-            fn()
+            run(prepare())
     order = list(fns)
     rng = random.Random(seed)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         rng.shuffle(order)
         for name in order:
-            _sync(device)
-            start = time.perf_counter()
+            prepare, run = pairs[name]
+            total = 0.0
             for _ in range(inner):
-                fns[name]()
-            _sync(device)
-            samples[name].append((time.perf_counter() - start) / inner)
+                prepared = prepare()
+                _sync(device)
+                start = time.perf_counter()
+                run(prepared)
+                _sync(device)
+                total += time.perf_counter() - start
+            samples[name].append(total / inner)
         if progress is not None:
             progress(r)
     result = {}

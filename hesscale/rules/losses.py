@@ -73,7 +73,7 @@ def _cross_entropy(module, args, method):
 
 
 def _nll(module, args, method):
-    """NLLLoss is linear in the log-probabilities: its Hessian is zero (LogSoftmax does the rest)."""
+    """NLLLoss is linear in its input: a zero Hessian (LogSoftmax's rule does the rest)."""
     return {"input": torch.zeros_like(args["input"])}
 
 

@@ -1,0 +1,56 @@
+"""Time of one training step (forward, backward, update) of every optimizer over Adam's.
+
+Measured side by side in one run (methods interleaved round by round) on the paper's Fig. 2
+networks: 64 inputs, L hidden layers of 512 tanh units, 100 outputs, cross-entropy, at batch
+sizes 1 and 128.
+
+    python benchmarks/step_cost.py [--rounds 20] [--layers 1 2 4 8 16] [--batch-sizes 1 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hesscale.experiments.fig2 import OPTIMIZER_LABELS, time_point
+from hesscale.experiments.io import environment_record
+from hesscale.experiments.networks import fig2b_network
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    env = environment_record()
+    print(
+        f"# {env['processor']}, torch {env['torch']}, {env['torch_threads']} threads, "
+        f"device {args.device} {env['cuda'] or ''}"
+    )
+    labels = list(OPTIMIZER_LABELS.values())
+    print(f"{'batch':>5} {'L':>3} {'params':>9} " + "".join(f"{lb[:13]:>14}" for lb in labels))
+    rows = []
+    for batch in args.batch_sizes:
+        for layers in args.layers:
+            point = time_point(
+                lambda layers=layers: fig2b_network(layers),
+                batch=batch,
+                loss="ce",
+                include_forward=True,
+                rounds=args.rounds,
+                device=args.device,
+                exact=False,
+            )
+            rows.append({"batch": batch, "layers": layers, **point})
+            cells = "".join(f"{point['ratio_to_adam'][lb]:>14.2f}" for lb in labels)
+            print(f"{batch:>5} {layers:>3} {point['params']:>9} {cells}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The ``hesscale`` command: reproduce the paper's figures.
+
+hesscale reproduce            Fig. 1 (approximation quality), then Fig. 2 (cost)
+hesscale reproduce fig1 [--out DIR] [--seeds N] [--examples N]
+hesscale reproduce fig2 [--out DIR] [--full] [--batch-size B] [--loss mse|ce]
+                        [--include-forward] [--rounds R] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _fig1(args) -> None:
+    from .experiments import fig1
+
+    summary = fig1.run(args.out or "results/fig1", seeds=args.seeds, examples=args.examples)
+    print(f"\nFig. 1: mean L1 error over {args.seeds} initialisations, relative to HesScale")
+    print(fig1.table(summary))
+    print(f"written: {args.out or 'results/fig1'}/fig1.json, fig1a.png, fig1b.png")
+
+
+def _fig2(args) -> None:
+    from .experiments import fig2
+
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is available on this machine")
+    summary = fig2.run(
+        args.out or "results/fig2",
+        full=args.full,
+        batch=args.batch_size,
+        loss=args.loss,
+        include_forward=args.include_forward,
+        rounds=args.rounds,
+        device=args.device,
+    )
+    print("\nFig. 2: time of one update step relative to Adam's")
+    print(fig2.table(summary))
+    print(f"written: {args.out or 'results/fig2'}/fig2.json, fig2a.png, fig2b.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hesscale", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    reproduce = commands.add_parser("reproduce", help="reproduce a figure of the paper")
+    reproduce.add_argument("figure", nargs="?", choices=["fig1", "fig2", "all"], default="all")
+    reproduce.add_argument("--out", default=None, help="output directory (default results/FIG)")
+    group1 = reproduce.add_argument_group("fig1")
+    group1.add_argument("--seeds", type=int, default=40, help="initialisations (default 40)")
+    group1.add_argument("--examples", type=int, default=1000, help="examples per initialisation")
+    group2 = reproduce.add_argument_group("fig2")
+    group2.add_argument("--full", action="store_true", help="panel (b) up to 128 hidden layers")
+    group2.add_argument("--batch-size", type=int, default=1)
+    group2.add_argument("--loss", choices=["mse", "ce"], default="mse")
+    group2.add_argument(
+        "--include-forward",
+        action="store_true",
+        help="time forward + backward + update instead of backward + update",
+    )
+    group2.add_argument("--rounds", type=int, default=30, help="timed updates per point")
+    group2.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "reproduce":
+        for figure, run in (("fig1", _fig1), ("fig2", _fig2)):
+            if args.figure in (figure, "all"):
+                out = args.out
+                if args.figure == "all" and out is not None:
+                    out = f"{out}/{figure}"
+                run(argparse.Namespace(**{**vars(args), "out": out}))
+
+
+if __name__ == "__main__":
+    main()

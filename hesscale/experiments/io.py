@@ -1,0 +1,70 @@
+"""Results on disk and progress on screen, shared by the experiments."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    """Write JSON so that a reader (or a rerun after a kill) never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def environment_record() -> dict:
+    """What produced a result: machine, versions, threads, device."""
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+class _PlainProgress:
+    """A fallback progress display when tqdm is not installed."""
+
+    def __init__(self, total, desc, unit):
+        self.total, self.desc, self.n = total, desc, 0
+
+    def update(self, k=1):
+        self.n += k
+        print(f"\r{self.desc}: {self.n}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, text):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        print(file=sys.stderr)
+
+
+def progress(total: int, desc: str, unit: str = "it"):
+    """A progress bar (tqdm when available) on standard error."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _PlainProgress(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
