@@ -8,6 +8,9 @@ per-example parameter gradients ``g_n = ∂⟨δ_n, f(h_n)⟩/∂θ``:
 
     Linear:        g_n = Σ_t δ_{n,t} ⊗ h_{n,t}    (t: positions other than the batch)
     other layers:  torch.func.vmap over examples of the layer's own gradient
+
+For a Linear layer without extra positions the sum of squares needs no per-example tensor:
+``Σ_n (δ_n ⊗ h_n)² = (δ²)ᵀ (h²)``, the cost of one gradient.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ def sampled_ggn_diagonals(records, output: Tensor, factors: Tensor, individual: 
     for record, delta in zip(layers, deltas):
         h = record.input.detach()
         n = h.shape[0]
+        if isinstance(record.module, nn.Linear) and h.dim() == 2 and not individual:
+            d_sq = (delta * delta).reshape(k * n, -1)
+            h_sq = (h * h).repeat(k, 1)
+            estimates = {"weight": d_sq.T @ h_sq / k}
+            if record.module.bias is not None:
+                estimates["bias"] = d_sq.sum(0) / k
+            results.append((record, estimates))
+            continue
         h_rep = h.unsqueeze(0).expand(k, *h.shape).reshape(k * n, *h.shape[1:])
         grads = per_example_gradients(record.module, h_rep, delta.reshape(k * n, *delta.shape[2:]))
         estimates = {}

@@ -139,8 +139,9 @@ def test_ggn_refuses_nll_after_logsoftmax():
     assert isinstance(loss_fn, nn.NLLLoss)
 
 
-def test_ggn_mc_individual_sums_to_the_batch_estimate():
-    model, loss_fn, x, y = build(CASES["conv1d"])
+@pytest.mark.parametrize("name", ["conv1d", "mlp-tanh", "linear-on-sequence"])
+def test_ggn_mc_individual_sums_to_the_batch_estimate(name):
+    model, loss_fn, x, y = build(CASES[name])
     _, each = hesscale.diagonal(
         model,
         loss_fn,
