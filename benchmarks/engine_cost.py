@@ -2,7 +2,9 @@
 
 Prints, for the paper's Fig. 2 networks at batch sizes 1 and 128, the time of a forward and
 backward pass that computes each method's estimate divided by the time of the same pass
-computing gradients alone (an un-extended copy of the model), and the ratio of peak memory.
+computing gradients alone (an un-extended copy of the model), and the ratio of peak memory
+(the model's parameters, plus the estimates and buffers the engine keeps between steps, plus
+the peak allocated during a warm step; the plain pass re-allocates its gradients each step).
 Also reports an extended model with no estimate requested (what plain Adam on an extended
 model pays).
 
@@ -33,6 +35,12 @@ def networks():
         yield f"1 hidden, {outputs} out", lambda outputs=outputs: fig2a_network(outputs)
 
 
+def _bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 def measure(make, batch: int, rounds: int, device: str):
     torch.manual_seed(0)
     plain = make().to(device)
@@ -53,8 +61,25 @@ def measure(make, batch: int, rounds: int, device: str):
     fns = {"plain": step(plain, None), "extended, no request": step(model, None)}
     fns.update({m: step(model, m) for m in METHODS})
     times = interleaved_times(fns, rounds=rounds, inner=3 if batch == 1 else 1, device=device)
-    memory = {name: peak_memory(fn, device) for name, fn in fns.items()}
     hesscale.request(model.parameters(), None)
+    # memory: the model's parameters, what the engine keeps between steps (estimates and
+    # buffers), and the peak allocated during a warm step
+    resident = _bytes(plain.parameters())
+    memory = {}
+    for name in fns:
+        fresh = copy.deepcopy(plain)
+        if name != "plain":
+            fresh = hesscale.extend(fresh)
+        method = name if name in METHODS else None
+        run = step(fresh, method)
+        run()  # cold step: allocates what is kept
+        kept = [getattr(p, hesscale.ESTIMATE_ATTRIBUTE) for p in fresh.parameters()
+                if hasattr(p, hesscale.ESTIMATE_ATTRIBUTE)]
+        state = getattr(fresh, "_hesscale_state", None)
+        if state is not None:
+            kept += [t for ws in state.workspaces.values() for t in ws.values()]
+        memory[name] = resident + _bytes(kept) + peak_memory(run, device)
+        hesscale.request(fresh.parameters(), None)
     return parameter_count(plain), times, memory
 
 

@@ -54,6 +54,9 @@ class _PlainProgress:
     def set_postfix_str(self, text):
         pass
 
+    def close(self):
+        print(file=sys.stderr)
+
     def __enter__(self):
         return self
 

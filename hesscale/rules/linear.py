@@ -35,8 +35,7 @@ def linear_rule(ctx: LayerContext) -> Backprop:
             params["bias"] = torch.sum(s_out, 0, out=buffer(ws, "bias", module.bias))
     s_in = None
     if ctx.need_input_curvature:
-        w_sq = torch.mul(weight, weight, out=buffer(ws, "w_sq", weight))
-        s_in = ctx.curvature_output @ w_sq
+        s_in = ctx.curvature_output @ squared(weight)  # a temporary: keeps peak memory low
     return Backprop(s_in, params)
 
 

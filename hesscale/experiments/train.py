@@ -1,0 +1,200 @@
+"""``hesscale train``: one training run on a DeepOBS problem, resumable epoch by epoch.
+
+A run evaluates loss and accuracy on the train-eval, validation and test sets before training
+and after every epoch, and records the cumulative training time (evaluation excluded). It stops
+as *diverged* when a training loss is NaN or exceeds 1e10. After every epoch it writes a
+checkpoint (model, optimizer, random states, curves) atomically; a rerun resumes from it and
+gives the same curves as an uninterrupted run, and a finished run is reused as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import hesscale
+from hesscale.optim import OPTIMIZERS
+
+from .data import Splits, deepobs_splits, load, prepare
+from .io import atomic_write_json, environment_record, progress
+from .problems import build_network, get_problem
+
+DIVERGENCE_THRESHOLD = 1e10
+METRICS = ("train_eval", "valid", "test")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run's curves."""
+
+    problem: str
+    optimizer: str
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float | None = None  # None: the problem's L2 penalty
+    epochs: int = 2
+    seed: int = 0
+    padding: str = "valid"
+    batch_size: int | None = None  # None: the problem's
+    max_batches: int | None = None  # cap on batches per epoch (tests, smoke runs)
+    extra: dict = field(default_factory=dict)  # further optimizer arguments
+
+    def name(self) -> str:
+        """A file name that identifies the configuration."""
+        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        b1, b2 = self.betas
+        return (f"{self.problem}_{self.optimizer}_lr{self.lr:.3g}_b{b1:g}-{b2:g}"
+                f"_s{self.seed}_e{self.epochs}_{digest}")
+
+
+def make_optimizer(config: RunConfig, model: nn.Module, l2: float) -> torch.optim.Optimizer:
+    """The optimizer by name, with the L2 penalty on weights (not biases), as DeepOBS does."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    others = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": weights, "weight_decay": l2}, {"params": others, "weight_decay": 0.0}]
+    cls = OPTIMIZERS[config.optimizer]
+    if cls is torch.optim.SGD:
+        return cls(groups, lr=config.lr, **config.extra)
+    return cls(groups, lr=config.lr, betas=config.betas, eps=config.eps, **config.extra)
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, data, augment_flag: bool, device, batch: int = 1000):
+    """Mean loss and accuracy over a data set."""
+    model.eval()
+    images, labels = data
+    total, correct = 0.0, 0
+    for i in range(0, len(images), batch):
+        x = prepare(images[i : i + batch], augment=False).to(device)
+        y = labels[i : i + batch].to(device)
+        out = model(x)
+        total += loss_fn(out, y).item() * len(y)
+        correct += (out.argmax(1) == y).sum().item()
+    model.train()
+    return total / len(images), correct / len(images)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _empty_curves() -> dict:
+    curves = {"epoch": [], "time": []}
+    for split in METRICS:
+        curves[f"{split}_loss"], curves[f"{split}_acc"] = [], []
+    return curves
+
+
+def train(config: RunConfig, out: str | Path, splits: Splits | None = None, data_dir=None,
+          download: bool = False, device: str = "cpu", show_progress: bool = True) -> dict:
+    """Run (or resume, or reuse) one configuration; returns its record (also in ``out``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result_path, ckpt_path = out / f"{config.name()}.json", out / f"{config.name()}.ckpt"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    problem = get_problem(config.problem)
+    if splits is None:
+        splits = deepobs_splits(load(problem.dataset, data_dir, download), problem.dataset)
+    l2 = problem.l2 if config.weight_decay is None else config.weight_decay
+    batch_size = config.batch_size or problem.batch_size
+
+    torch.manual_seed(config.seed)
+    model = hesscale.extend(build_network(problem, config.padding).to(device))
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    opt = make_optimizer(config, model, l2)
+    curves, start_epoch, status, elapsed = _empty_curves(), 0, "running", 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        curves, start_epoch, elapsed = state["curves"], state["epoch"], state["elapsed"]
+
+    def record_evaluation(epoch: int) -> None:
+        curves["epoch"].append(epoch)
+        curves["time"].append(elapsed)
+        for split in METRICS:
+            loss, acc = evaluate(model, loss_fn, getattr(splits, split), splits.augment, device)
+            curves[f"{split}_loss"].append(loss)
+            curves[f"{split}_acc"].append(acc)
+
+    if start_epoch == 0 and not curves["epoch"]:
+        record_evaluation(0)
+    create_graph = config.optimizer == "adahessian"
+    train_x, train_y = splits.train
+    bar = progress(total=config.epochs, desc=config.name()[:40], unit="epoch") if show_progress \
+        else None
+    if bar is not None:
+        bar.update(start_epoch)
+    for epoch in range(start_epoch, config.epochs):
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = torch.randperm(len(train_x), generator=gen)
+        batches = range(0, len(order) - batch_size + 1, batch_size)  # full batches only
+        if config.max_batches is not None:
+            batches = list(batches)[: config.max_batches]
+        tic = time.perf_counter()
+        for i in batches:
+            idx = order[i : i + batch_size]
+            x = prepare(train_x[idx], splits.augment, gen).to(device)
+            y = train_y[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            value = loss.item()
+            if not math.isfinite(value) or value > DIVERGENCE_THRESHOLD:
+                status = "diverged"
+                break
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
+                loss.backward(create_graph=create_graph)
+            opt.step()
+        elapsed += time.perf_counter() - tic
+        if status == "diverged":
+            break
+        record_evaluation(epoch + 1)
+        _atomic_torch_save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "rng": torch.get_rng_state(), "curves": curves, "epoch": epoch + 1,
+             "elapsed": elapsed},
+            ckpt_path,
+        )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"valid loss {curves['valid_loss'][-1]:.4f}")
+    if bar is not None:
+        bar.close()
+    if status == "running":
+        status = "finished"
+    epochs_done = max(len(curves["epoch"]) - 1, 1)
+    record = {
+        "config": asdict(config),
+        "status": status,
+        "padding": config.padding,
+        "l2": l2,
+        "batch_size": batch_size,
+        "curves": curves,
+        "seconds_per_epoch": elapsed / epochs_done,
+        "environment": environment_record(),
+    }
+    atomic_write_json(result_path, record)
+    ckpt_path.unlink(missing_ok=True)
+    return record

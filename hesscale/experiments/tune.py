@@ -1,0 +1,148 @@
+"""``hesscale tune``: the paper's hyperparameter search, selection and reruns, with plots.
+
+For every optimizer: the grid β₁ ∈ {0, 0.9} × β₂ ∈ {0.99, 0.999, 0.9999} × a log-spaced range of
+step sizes (SGD: step sizes only), each run with seed 0; the best configuration minimises the
+area under the validation-loss curve (the mean over the evaluations; a diverged run has an
+infinite area); it is rerun with further seeds. Every run is a file of its own (see
+:mod:`.train`), so a killed tune loses nothing finished and continues where it stopped.
+
+Plots: learning curves against epochs and against wall-clock time (mean with a standard-error
+band over seeds; Figs. 3, 4, 6, 7), and step-size sensitivity (final test loss of the best β's
+per step size; Figs. 5, 8, 9).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import deepobs_splits, load
+from .io import atomic_write_json, environment_record
+from .problems import get_problem
+from .train import RunConfig, train
+
+BETA1S = (0.0, 0.9)
+BETA2S = (0.99, 0.999, 0.9999)
+# log10 of the step-size range searched per optimizer
+LR_RANGES = {
+    "sgd": (-3.0, 0.0),
+    "adam": (-5.0, -2.0),
+    "adahessian": (-4.0, -1.0),
+    "adaggnmc": (-6.0, -3.0),
+    "adabl89": (-5.0, -2.0),
+    "adahesscale": (-5.0, -2.0),
+    "adahesscalegn": (-5.0, -2.0),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much a tune spends."""
+
+    epochs: int | None  # None: the paper's epochs for the problem
+    lr_points: int
+    seeds: int
+    betas: tuple[tuple[float, float], ...] | None = None  # None: the full grid
+    max_batches: int | None = None
+
+
+BUDGETS = {
+    # sized so that fmnist_mlp with all optimizers takes about an hour on a 2-core CPU
+    "default": Budget(epochs=2, lr_points=3, seeds=3),
+    "paper": Budget(epochs=None, lr_points=7, seeds=30),
+    "tiny": Budget(epochs=1, lr_points=2, seeds=2, betas=((0.9, 0.999),), max_batches=3),
+}
+
+
+def learning_rates(optimizer: str, points: int) -> list[float]:
+    low, high = LR_RANGES[optimizer]
+    if points == 1:
+        return [10 ** ((low + high) / 2)]
+    return [10 ** (low + (high - low) * i / (points - 1)) for i in range(points)]
+
+
+def area_under_validation_loss(record: dict) -> float:
+    """The selection criterion: mean validation loss over the evaluations (inf if diverged)."""
+    losses = record["curves"]["valid_loss"]
+    if record["status"] != "finished" or not losses or not all(map(math.isfinite, losses)):
+        return math.inf
+    return sum(losses) / len(losses)
+
+
+def grid(optimizer: str, budget: Budget) -> list[tuple[float, tuple[float, float]]]:
+    betas = [(0.9, 0.999)] if optimizer == "sgd" else list(
+        budget.betas or [(b1, b2) for b1 in BETA1S for b2 in BETA2S]
+    )
+    return [(lr, b) for b in betas for lr in learning_rates(optimizer, budget.lr_points)]
+
+
+def tune(problem: str, optimizers: list[str], budget: str = "default",
+         out: str | Path = "results/tune", padding: str = "valid", data_dir=None,
+         download: bool = False, device: str = "cpu") -> dict:
+    """Search, select, rerun and plot; returns the summary written to ``out/summary.json``."""
+    spec = get_problem(problem)
+    plan = BUDGETS[budget]
+    epochs = plan.epochs or spec.paper_epochs
+    out = Path(out) / problem
+    splits = deepobs_splits(load(spec.dataset, data_dir, download), spec.dataset)
+    summary: dict = {"problem": problem, "budget": budget, "epochs": epochs, "padding": padding,
+                     "environment": environment_record(), "optimizers": {}}
+
+    def config(name, lr, betas, seed):
+        return RunConfig(problem=problem, optimizer=name, lr=lr, betas=betas, epochs=epochs,
+                         seed=seed, padding=padding, max_batches=plan.max_batches)
+
+    for name in optimizers:
+        runs = out / name
+        searched = []
+        for lr, betas in grid(name, plan):
+            record = train(config(name, lr, betas, 0), runs, splits, device=device)
+            searched.append({"lr": lr, "betas": list(betas), "status": record["status"],
+                             "auc": area_under_validation_loss(record),
+                             "final_test_loss": record["curves"]["test_loss"][-1]})
+        best = min(searched, key=lambda r: r["auc"])
+        reruns = [
+            train(config(name, best["lr"], tuple(best["betas"]), seed), runs, splits,
+                  device=device)
+            for seed in range(plan.seeds)
+        ]
+        summary["optimizers"][name] = {
+            "search": searched,
+            "best": best,
+            "seeds": [r["curves"] for r in reruns],
+            "status": [r["status"] for r in reruns],
+            "seconds_per_epoch": sum(r["seconds_per_epoch"] for r in reruns) / len(reruns),
+        }
+        atomic_write_json(out / "summary.json", summary)
+    from .plots import plot_tune
+
+    plot_tune(summary, out)
+    return summary
+
+
+def report(summary: dict) -> str:
+    """Best step size, final test accuracy and loss (mean ± standard error), time per epoch."""
+    lines = [f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}",
+             f"{'optimizer':<15}{'best lr':>10}{'β1':>5}{'β2':>8}{'test acc':>18}"
+             f"{'test loss':>20}{'s/epoch':>9}"]
+    for name, entry in summary["optimizers"].items():
+        accs = [c["test_acc"][-1] for c in entry["seeds"]]
+        losses = [c["test_loss"][-1] for c in entry["seeds"]]
+        best = entry["best"]
+        lines.append(
+            f"{name:<15}{best['lr']:>10.2e}{best['betas'][0]:>5g}{best['betas'][1]:>8g}"
+            f"{_mean_se(accs):>18}{_mean_se(losses):>20}{entry['seconds_per_epoch']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _mean_se(values: list[float]) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "diverged"
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return f"{mean:.4f}"
+    var = sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)
+    return f"{mean:.4f} ± {math.sqrt(var / len(finite)):.4f}"
