@@ -73,8 +73,11 @@ def measure(make, batch: int, rounds: int, device: str):
         method = name if name in METHODS else None
         run = step(fresh, method)
         run()  # cold step: allocates what is kept
-        kept = [getattr(p, hesscale.ESTIMATE_ATTRIBUTE) for p in fresh.parameters()
-                if hasattr(p, hesscale.ESTIMATE_ATTRIBUTE)]
+        kept = [
+            getattr(p, hesscale.ESTIMATE_ATTRIBUTE)
+            for p in fresh.parameters()
+            if hasattr(p, hesscale.ESTIMATE_ATTRIBUTE)
+        ]
         state = getattr(fresh, "_hesscale_state", None)
         if state is not None:
             kept += [t for ws in state.workspaces.values() for t in ws.values()]

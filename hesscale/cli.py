@@ -43,6 +43,71 @@ def _fig2(args) -> None:
     print(f"written: {args.out or 'results/fig2'}/fig2.json, fig2a.png, fig2b.png")
 
 
+def _train(args) -> None:
+    from .experiments.train import RunConfig, train
+
+    config = RunConfig(
+        problem=args.problem,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        betas=tuple(args.betas),
+        eps=args.eps,
+        weight_decay=args.weight_decay,
+        epochs=args.epochs,
+        seed=args.seed,
+        padding=args.padding,
+        max_batches=args.max_batches,
+    )
+    record = train(
+        config, args.out, data_dir=args.data_dir, download=args.download, device=args.device
+    )
+    curves = record["curves"]
+    print(
+        f"{config.name()}: {record['status']} after {len(curves['epoch']) - 1} epochs, "
+        f"padding {record['padding']}; test loss {curves['test_loss'][-1]:.4f}, "
+        f"test accuracy {curves['test_acc'][-1]:.4f}, {record['seconds_per_epoch']:.1f} s/epoch"
+    )
+    print(f"written: {args.out}/{config.name()}.json")
+
+
+def _tune(args) -> None:
+    from .experiments.tune import report, tune
+
+    summary = tune(
+        args.problem,
+        args.optimizers,
+        budget=args.budget,
+        out=args.out,
+        padding=args.padding,
+        data_dir=args.data_dir,
+        download=args.download,
+        device=args.device,
+    )
+    print(report(summary))
+    print(
+        f"written: {args.out}/{args.problem}/summary.json, curves_epochs.png, "
+        "curves_time.png, sensitivity.png"
+    )
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--padding",
+        choices=["valid", "same"],
+        default="valid",
+        help="valid: the paper authors' networks (default); same: DeepOBS'",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="data directory (default $HESSCALE_DATA or ~/.cache/hesscale/data)",
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="download missing data files (checksums verified)"
+    )
+    parser.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hesscale", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,11 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group2.add_argument("--rounds", type=int, default=30, help="timed updates per point")
     group2.add_argument("--device", default="cpu")
+
+    from .experiments.problems import PROBLEMS
+    from .optim import OPTIMIZERS
+
+    train = commands.add_parser("train", help="train one configuration on a DeepOBS problem")
+    train.add_argument("--problem", required=True, choices=sorted(PROBLEMS))
+    train.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
+    train.add_argument("--lr", type=float, required=True)
+    train.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])
+    train.add_argument("--eps", type=float, default=1e-8)
+    train.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="L2 penalty on weights (default: the problem's)",
+    )
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
+    train.add_argument("--out", default="results/train")
+    _data_arguments(train)
+
+    tune = commands.add_parser("tune", help="the paper's grid search, selection and reruns")
+    tune.add_argument("--problem", required=True, choices=sorted(PROBLEMS))
+    tune.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    tune.add_argument("--budget", choices=["default", "paper", "tiny"], default="default")
+    tune.add_argument("--out", default="results/tune")
+    _data_arguments(tune)
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "reproduce":
         for figure, run in (("fig1", _fig1), ("fig2", _fig2)):
             if args.figure in (figure, "all"):

@@ -55,37 +55,74 @@ class DatasetInfo:
 _MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 _FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _IDX_NAMES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
 )
+
+
+def _idx_files(base_url: str, md5s: tuple[str, ...]) -> tuple[RemoteFile, ...]:
+    return tuple(
+        RemoteFile(f"{name}.gz", f"{base_url}{name}.gz", md5) for name, md5 in zip(_IDX_NAMES, md5s)
+    )
+
 
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(
-        "mnist", "mnist",
-        tuple(RemoteFile(f"{n}.gz", f"{_MNIST_URL}{n}.gz", md5) for n, md5 in zip(_IDX_NAMES, (
-            "f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-            "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")))),
+        "mnist",
+        "mnist",
+        _idx_files(
+            _MNIST_URL,
+            (
+                "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "d53e105ee54ea40749a09fcbcd1e9432",
+                "9fb629c4189551a2d022fa330f9573f3",
+                "ec29112dd5afa0611ce80d1b7f02629c",
+            ),
+        ),
         classes=10,
     ),
     "fmnist": DatasetInfo(
-        "fmnist", "fashion-mnist",
-        tuple(RemoteFile(f"{n}.gz", f"{_FMNIST_URL}{n}.gz", md5) for n, md5 in zip(_IDX_NAMES, (
-            "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-            "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310")))),
+        "fmnist",
+        "fashion-mnist",
+        _idx_files(
+            _FMNIST_URL,
+            (
+                "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "25c81989df183df01b3e8a0aad5dffbe",
+                "bef4ecab320f06d8554ea6380940ec79",
+                "bb300cfdad3c16e7a12a480ee83cd310",
+            ),
+        ),
         classes=10,
         system_dirs=("/usr/share/datasets/fashion-mnist",),
     ),
     "cifar10": DatasetInfo(
-        "cifar10", "cifar10",
-        (RemoteFile("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/"
-                    "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
-        classes=10, extracted="cifar-10-batches-py",
+        "cifar10",
+        "cifar10",
+        (
+            RemoteFile(
+                "cifar-10-python.tar.gz",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a",
+            ),
+        ),
+        classes=10,
+        extracted="cifar-10-batches-py",
     ),
     "cifar100": DatasetInfo(
-        "cifar100", "cifar100",
-        (RemoteFile("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/"
-                    "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
-        classes=100, extracted="cifar-100-python",
+        "cifar100",
+        "cifar100",
+        (
+            RemoteFile(
+                "cifar-100-python.tar.gz",
+                "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                "eb9058c3a382ffc7106e4002c42a8d85",
+            ),
+        ),
+        classes=100,
+        extracted="cifar-100-python",
     ),
 }
 
@@ -116,7 +153,9 @@ def read_idx(path: str | os.PathLike) -> Tensor:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{path}: not a readable gzip file ({err}); delete it and fetch it again")
+        raise DataError(
+            f"{path}: not a readable file ({err}); delete it and fetch it again"
+        ) from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
@@ -196,7 +235,8 @@ def _locate(info: DatasetInfo, root: Path, download_missing: bool) -> dict[str, 
         lines = "\n".join(f"  {m.name}  ({m.url}, MD5 {m.md5})" for m in missing)
         hint = (
             "\nOn Debian, 'apt-get install dataset-fashion-mnist' provides them."
-            if info.name == "fmnist" else ""
+            if info.name == "fmnist"
+            else ""
         )
         raise DataError(
             f"{info.name}: missing files\n{lines}\nlooked in: "
@@ -253,8 +293,10 @@ def load(name: str, data_dir=None, download_missing: bool = False) -> Arrays:
         train_x, train_y, test_x, test_y = tensors
         for images, labels, label in ((train_x, train_y, "train"), (test_x, test_y, "test")):
             if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
-                raise DataError(f"{info.name}: {label} images {tuple(images.shape)} and labels "
-                                f"{tuple(labels.shape)} do not match")
+                raise DataError(
+                    f"{info.name}: {label} images {tuple(images.shape)} and labels "
+                    f"{tuple(labels.shape)} do not match"
+                )
         return Arrays(train_x.unsqueeze(1), train_y.long(), test_x.unsqueeze(1), test_y.long())
     source = paths[info.files[0].name]
     if info.name == "cifar10":
@@ -278,8 +320,9 @@ class Splits:
     augment: bool  # CIFAR: random crops, flips and colour jitter on training batches
 
 
-def deepobs_splits(arrays: Arrays, dataset: str, valid_size: int = 10_000,
-                   split_seed: int = 42) -> Splits:
+def deepobs_splits(
+    arrays: Arrays, dataset: str, valid_size: int = 10_000, split_seed: int = 42
+) -> Splits:
     """Hold out ``valid_size`` training examples for validation (seeded); the train-eval set is a
     fixed random subset of the remaining training data, as large as the test set."""
     n = len(arrays.train_images)

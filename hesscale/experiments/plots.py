@@ -29,8 +29,11 @@ def plot_tune(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     title = f"{summary['problem']} ({summary['padding']} padding, {summary['epochs']} epochs)"
-    panels = [(f"{split}_{metric}", f"{split.replace('_', '-')} {metric}")
-              for split in ("train_eval", "valid", "test") for metric in ("loss", "acc")]
+    panels = [
+        (f"{split}_{metric}", f"{split.replace('_', '-')} {metric}")
+        for split in ("train_eval", "valid", "test")
+        for metric in ("loss", "acc")
+    ]
     for axis, filename in (("epoch", "curves_epochs.png"), ("time", "curves_time.png")):
         fig, axes = plt.subplots(3, 2, figsize=(10, 10))
         for ax, (key, label) in zip(axes.flat, panels):
@@ -41,8 +44,12 @@ def plot_tune(summary: dict, out: Path) -> None:
                 if n == 0:
                     continue
                 ax.plot(xs[:n], mean[:n], label=name)
-                ax.fill_between(xs[:n], [m - e for m, e in zip(mean, err)][:n],
-                                [m + e for m, e in zip(mean, err)][:n], alpha=0.25)
+                ax.fill_between(
+                    xs[:n],
+                    [m - e for m, e in zip(mean, err)][:n],
+                    [m + e for m, e in zip(mean, err)][:n],
+                    alpha=0.25,
+                )
             ax.set_xlabel("epoch" if axis == "epoch" else "training time [s]")
             ax.set_ylabel(label)
             if key.endswith("loss"):
@@ -61,8 +68,12 @@ def plot_tune(summary: dict, out: Path) -> None:
             value = run["final_test_loss"] if run["status"] == "finished" else math.inf
             best_per_lr[run["lr"]] = min(best_per_lr.get(run["lr"], math.inf), value)
         lrs = sorted(best_per_lr)
-        ax.plot(lrs, [best_per_lr[lr] if math.isfinite(best_per_lr[lr]) else float("nan")
-                      for lr in lrs], marker="o", label=name)
+        ax.plot(
+            lrs,
+            [best_per_lr[lr] if math.isfinite(best_per_lr[lr]) else float("nan") for lr in lrs],
+            marker="o",
+            label=name,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("step size")

@@ -60,8 +60,13 @@ def two_c_two_d(padding: str = "valid", activation=nn.ReLU, classes: int = 10) -
     Linear→classes."""
     pad = "same" if padding == "same" else 0
     features = nn.Sequential(
-        nn.Conv2d(1, 32, 5, padding=pad), activation(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=pad), activation(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Conv2d(1, 32, 5, padding=pad),
+        activation(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=pad),
+        activation(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
     )
     flat = _flat_size(features, (1, 28, 28))
     net = nn.Sequential(*features, nn.Linear(flat, 1024), activation(), nn.Linear(1024, classes))
@@ -78,14 +83,24 @@ def three_c_three_d(padding: str = "valid", activation=nn.Tanh, classes: int = 1
     same = padding == "same"
     pool_pad = 1 if same else 0
     features = nn.Sequential(
-        nn.Conv2d(3, 64, 5), activation(), nn.MaxPool2d(3, 2, padding=pool_pad),
-        nn.Conv2d(64, 96, 3), activation(), nn.MaxPool2d(3, 2, padding=pool_pad),
-        nn.Conv2d(96, 128, 3, padding="same" if same else 0), activation(),
-        nn.MaxPool2d(3, 2, padding=pool_pad), nn.Flatten(),
+        nn.Conv2d(3, 64, 5),
+        activation(),
+        nn.MaxPool2d(3, 2, padding=pool_pad),
+        nn.Conv2d(64, 96, 3),
+        activation(),
+        nn.MaxPool2d(3, 2, padding=pool_pad),
+        nn.Conv2d(96, 128, 3, padding="same" if same else 0),
+        activation(),
+        nn.MaxPool2d(3, 2, padding=pool_pad),
+        nn.Flatten(),
     )
     flat = _flat_size(features, (3, 32, 32))
     net = nn.Sequential(
-        *features, nn.Linear(flat, 512), activation(), nn.Linear(512, 256), activation(),
+        *features,
+        nn.Linear(flat, 512),
+        activation(),
+        nn.Linear(512, 256),
+        activation(),
         nn.Linear(256, classes),
     )
     for m in net.modules():
@@ -107,10 +122,19 @@ def all_cnn_c(padding: str = "valid", activation=nn.ELU, classes: int = 100) -> 
         return [nn.Conv2d(cin, cout, k, stride=stride, padding=p), activation()]
 
     layers = (
-        [nn.Dropout(0.2)] + conv(3, 96, 3) + conv(96, 96, 3) + conv(96, 96, 3, 2)
-        + [nn.Dropout(0.5)] + conv(96, 192, 3) + conv(192, 192, 3) + conv(192, 192, 3, 2)
-        + [nn.Dropout(0.5)] + conv(192, 192, 3, p=0) + conv(192, 192, 1, p=0)
-        + conv(192, classes, 1, p=0) + [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        [nn.Dropout(0.2)]
+        + conv(3, 96, 3)
+        + conv(96, 96, 3)
+        + conv(96, 96, 3, 2)
+        + [nn.Dropout(0.5)]
+        + conv(96, 192, 3)
+        + conv(192, 192, 3)
+        + conv(192, 192, 3, 2)
+        + [nn.Dropout(0.5)]
+        + conv(192, 192, 3, p=0)
+        + conv(192, 192, 1, p=0)
+        + conv(192, classes, 1, p=0)
+        + [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     )
     net = nn.Sequential(*layers)
     for m in net.modules():
@@ -127,12 +151,33 @@ PROBLEMS: dict[str, Problem] = {
         Problem("fmnist_mlp", "fmnist", lambda pad: mlp(), 128, 100, 0.0, 10),
         Problem("mnist_2c2d", "mnist", lambda pad: two_c_two_d(pad), 128, 100, 0.0, 10),
         Problem("fmnist_2c2d", "fmnist", lambda pad: two_c_two_d(pad), 128, 100, 0.0, 10),
-        Problem("cifar10_3c3d", "cifar10",
-                lambda pad: three_c_three_d(pad, nn.Tanh, 10), 128, 100, 0.002, 10),
-        Problem("cifar100_3c3d", "cifar100",
-                lambda pad: three_c_three_d(pad, nn.ELU, 100), 128, 200, 0.002, 100),
-        Problem("cifar100_allcnnc", "cifar100",
-                lambda pad: all_cnn_c(pad, nn.ELU, 100), 256, 350, 5e-4, 100),
+        Problem(
+            "cifar10_3c3d",
+            "cifar10",
+            lambda pad: three_c_three_d(pad, nn.Tanh, 10),
+            128,
+            100,
+            0.002,
+            10,
+        ),
+        Problem(
+            "cifar100_3c3d",
+            "cifar100",
+            lambda pad: three_c_three_d(pad, nn.ELU, 100),
+            128,
+            200,
+            0.002,
+            100,
+        ),
+        Problem(
+            "cifar100_allcnnc",
+            "cifar100",
+            lambda pad: all_cnn_c(pad, nn.ELU, 100),
+            256,
+            350,
+            5e-4,
+            100,
+        ),
     )
 }
 

@@ -54,14 +54,18 @@ class RunConfig:
         """A file name that identifies the configuration."""
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
         b1, b2 = self.betas
-        return (f"{self.problem}_{self.optimizer}_lr{self.lr:.3g}_b{b1:g}-{b2:g}"
-                f"_s{self.seed}_e{self.epochs}_{digest}")
+        return (
+            f"{self.problem}_{self.optimizer}_lr{self.lr:.3g}_b{b1:g}-{b2:g}"
+            f"_s{self.seed}_e{self.epochs}_{digest}"
+        )
 
 
 def make_optimizer(config: RunConfig, model: nn.Module, l2: float) -> torch.optim.Optimizer:
     """The optimizer by name, with the L2 penalty on weights (not biases), as DeepOBS does."""
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        raise ValueError(
+            f"unknown optimizer {config.optimizer!r}; choose one of {list(OPTIMIZERS)}"
+        )
     weights = [p for p in model.parameters() if p.dim() > 1]
     others = [p for p in model.parameters() if p.dim() <= 1]
     groups = [{"params": weights, "weight_decay": l2}, {"params": others, "weight_decay": 0.0}]
@@ -104,8 +108,15 @@ def _empty_curves() -> dict:
     return curves
 
 
-def train(config: RunConfig, out: str | Path, splits: Splits | None = None, data_dir=None,
-          download: bool = False, device: str = "cpu", show_progress: bool = True) -> dict:
+def train(
+    config: RunConfig,
+    out: str | Path,
+    splits: Splits | None = None,
+    data_dir=None,
+    download: bool = False,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> dict:
     """Run (or resume, or reuse) one configuration; returns its record (also in ``out``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +153,11 @@ def train(config: RunConfig, out: str | Path, splits: Splits | None = None, data
         record_evaluation(0)
     create_graph = config.optimizer == "adahessian"
     train_x, train_y = splits.train
-    bar = progress(total=config.epochs, desc=config.name()[:40], unit="epoch") if show_progress \
+    bar = (
+        progress(total=config.epochs, desc=config.name()[:40], unit="epoch")
+        if show_progress
         else None
+    )
     if bar is not None:
         bar.update(start_epoch)
     for epoch in range(start_epoch, config.epochs):
@@ -172,9 +186,14 @@ def train(config: RunConfig, out: str | Path, splits: Splits | None = None, data
             break
         record_evaluation(epoch + 1)
         _atomic_torch_save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(),
-             "rng": torch.get_rng_state(), "curves": curves, "epoch": epoch + 1,
-             "elapsed": elapsed},
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": torch.get_rng_state(),
+                "curves": curves,
+                "epoch": epoch + 1,
+                "elapsed": elapsed,
+            },
             ckpt_path,
         )
         if bar is not None:

@@ -49,7 +49,7 @@ class Budget:
 
 BUDGETS = {
     # sized so that fmnist_mlp with all optimizers takes about an hour on a 2-core CPU
-    "default": Budget(epochs=2, lr_points=3, seeds=3),
+    "default": Budget(epochs=2, lr_points=4, seeds=3),
     "paper": Budget(epochs=None, lr_points=7, seeds=30),
     "tiny": Budget(epochs=1, lr_points=2, seeds=2, betas=((0.9, 0.999),), max_batches=3),
 }
@@ -71,40 +71,68 @@ def area_under_validation_loss(record: dict) -> float:
 
 
 def grid(optimizer: str, budget: Budget) -> list[tuple[float, tuple[float, float]]]:
-    betas = [(0.9, 0.999)] if optimizer == "sgd" else list(
-        budget.betas or [(b1, b2) for b1 in BETA1S for b2 in BETA2S]
+    betas = (
+        [(0.9, 0.999)]
+        if optimizer == "sgd"
+        else list(budget.betas or [(b1, b2) for b1 in BETA1S for b2 in BETA2S])
     )
     return [(lr, b) for b in betas for lr in learning_rates(optimizer, budget.lr_points)]
 
 
-def tune(problem: str, optimizers: list[str], budget: str = "default",
-         out: str | Path = "results/tune", padding: str = "valid", data_dir=None,
-         download: bool = False, device: str = "cpu") -> dict:
+def tune(
+    problem: str,
+    optimizers: list[str],
+    budget: str = "default",
+    out: str | Path = "results/tune",
+    padding: str = "valid",
+    data_dir=None,
+    download: bool = False,
+    device: str = "cpu",
+) -> dict:
     """Search, select, rerun and plot; returns the summary written to ``out/summary.json``."""
     spec = get_problem(problem)
     plan = BUDGETS[budget]
     epochs = plan.epochs or spec.paper_epochs
     out = Path(out) / problem
     splits = deepobs_splits(load(spec.dataset, data_dir, download), spec.dataset)
-    summary: dict = {"problem": problem, "budget": budget, "epochs": epochs, "padding": padding,
-                     "environment": environment_record(), "optimizers": {}}
+    summary: dict = {
+        "problem": problem,
+        "budget": budget,
+        "epochs": epochs,
+        "padding": padding,
+        "environment": environment_record(),
+        "optimizers": {},
+    }
 
     def config(name, lr, betas, seed):
-        return RunConfig(problem=problem, optimizer=name, lr=lr, betas=betas, epochs=epochs,
-                         seed=seed, padding=padding, max_batches=plan.max_batches)
+        return RunConfig(
+            problem=problem,
+            optimizer=name,
+            lr=lr,
+            betas=betas,
+            epochs=epochs,
+            seed=seed,
+            padding=padding,
+            max_batches=plan.max_batches,
+        )
 
     for name in optimizers:
         runs = out / name
         searched = []
         for lr, betas in grid(name, plan):
             record = train(config(name, lr, betas, 0), runs, splits, device=device)
-            searched.append({"lr": lr, "betas": list(betas), "status": record["status"],
-                             "auc": area_under_validation_loss(record),
-                             "final_test_loss": record["curves"]["test_loss"][-1]})
+            searched.append(
+                {
+                    "lr": lr,
+                    "betas": list(betas),
+                    "status": record["status"],
+                    "auc": area_under_validation_loss(record),
+                    "final_test_loss": record["curves"]["test_loss"][-1],
+                }
+            )
         best = min(searched, key=lambda r: r["auc"])
         reruns = [
-            train(config(name, best["lr"], tuple(best["betas"]), seed), runs, splits,
-                  device=device)
+            train(config(name, best["lr"], tuple(best["betas"]), seed), runs, splits, device=device)
             for seed in range(plan.seeds)
         ]
         summary["optimizers"][name] = {
@@ -123,9 +151,11 @@ def tune(problem: str, optimizers: list[str], budget: str = "default",
 
 def report(summary: dict) -> str:
     """Best step size, final test accuracy and loss (mean ± standard error), time per epoch."""
-    lines = [f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}",
-             f"{'optimizer':<15}{'best lr':>10}{'β1':>5}{'β2':>8}{'test acc':>18}"
-             f"{'test loss':>20}{'s/epoch':>9}"]
+    lines = [
+        f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}",
+        f"{'optimizer':<15}{'best lr':>10}{'β1':>5}{'β2':>8}{'test acc':>18}"
+        f"{'test loss':>20}{'s/epoch':>9}",
+    ]
     for name, entry in summary["optimizers"].items():
         accs = [c["test_acc"][-1] for c in entry["seeds"]]
         losses = [c["test_loss"][-1] for c in entry["seeds"]]

@@ -78,7 +78,20 @@ class AdaHessian(CurvatureAdam):
         self.power = hessian_power / 2
         self.generator = generator
 
-    def _estimates(self, group, params: list[Tensor]) -> list[Tensor]:
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._products = self._hutchinson(params) if params else {}
+        super().step()
+        self._products = {}
+        return loss
+
+    def _hutchinson(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
+        """One Rademacher probe for all parameters at once: ``z ⊙ Hz``, spatially averaged."""
         if any(p.grad.grad_fn is None for p in params):
             raise RuntimeError(
                 "AdaHessian differentiates the gradient: call loss.backward(create_graph=True) "
@@ -91,13 +104,16 @@ class AdaHessian(CurvatureAdam):
         ]
         with torch.enable_grad():
             hz = torch.autograd.grad([p.grad for p in params], params, probes)
-        estimates = []
-        for z, h in zip(probes, hz):
+        products = {}
+        for p, z, h in zip(params, probes, hz):
             d = z * h
             if d.dim() >= 3:
                 d = d.abs().mean(dim=tuple(range(2, d.dim())), keepdim=True).expand_as(d)
-            estimates.append(d.detach())
-        return estimates
+            products[p] = d.detach()
+        return products
+
+    def _estimates(self, group, params: list[Tensor]) -> list[Tensor]:
+        return [self._products[p] for p in params]
 
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {

@@ -1,0 +1,149 @@
+"""Problems, training runs (with kill-and-resume) and tuning, on small synthetic data."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import hesscale
+from hesscale.experiments import train as train_module
+from hesscale.experiments import tune as tune_module
+from hesscale.experiments.data import Splits
+from hesscale.experiments.problems import PROBLEMS, build_network
+from hesscale.experiments.train import RunConfig, train
+
+PARAMETERS = {  # DeepOBS' counts for the 'same' variants
+    ("fmnist_mlp", "valid"): 1_336_610,
+    ("fmnist_2c2d", "valid"): 1_111_946,
+    ("fmnist_2c2d", "same"): 3_274_634,
+    ("cifar10_3c3d", "valid"): 370_922,
+    ("cifar10_3c3d", "same"): 895_210,
+    ("cifar100_3c3d", "same"): 895_210 + 90 * 257,
+    ("cifar100_allcnnc", "valid"): 1_387_108,
+    ("cifar100_allcnnc", "same"): 1_387_108,
+}
+
+
+@pytest.mark.parametrize("name, padding", PARAMETERS, ids=[f"{a}-{b}" for a, b in PARAMETERS])
+def test_network_shapes_and_parameter_counts(name, padding):
+    problem = PROBLEMS[name]
+    net = build_network(problem, padding)
+    assert sum(p.numel() for p in net.parameters()) == PARAMETERS[(name, padding)]
+    shape = (2, 1, 28, 28) if "mnist" in problem.dataset else (2, 3, 32, 32)
+    x = torch.randn(shape)
+    assert net(x).shape == (2, problem.classes)
+    # the engine supports every problem's network
+    hesscale.extend(net)
+    _, est = hesscale.diagonal(net, torch.nn.CrossEntropyLoss(), x, torch.tensor([0, 1]))
+    assert all(torch.isfinite(v).all() for v in est.values())
+
+
+def _splits(n=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def part(k):
+        return (
+            torch.randint(0, 256, (k, 1, 28, 28), generator=gen, dtype=torch.uint8),
+            torch.randint(0, 10, (k,), generator=gen),
+        )
+
+    return Splits(train=part(n), train_eval=part(16), valid=part(16), test=part(16), augment=False)
+
+
+def _config(**kw):
+    base = dict(problem="fmnist_mlp", optimizer="adahesscale", lr=1e-3, epochs=3, batch_size=16)
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("optimizer", ["adahesscale", "adahessian", "sgd"])
+def test_train_writes_curves_and_is_reused(tmp_path, optimizer):
+    record = train(_config(optimizer=optimizer), tmp_path, _splits(), show_progress=False)
+    curves = record["curves"]
+    assert record["status"] == "finished" and curves["epoch"] == [0, 1, 2, 3]
+    for key in ("train_eval_loss", "valid_acc", "test_loss", "time"):
+        assert len(curves[key]) == 4
+    assert record["padding"] == "valid"
+    again = train(_config(optimizer=optimizer), tmp_path, None, show_progress=False)
+    assert again == json.loads(json.dumps(record))  # reused from disk, data not even loaded
+
+
+def test_kill_and_resume_gives_the_same_curves(tmp_path, monkeypatch):
+    config = _config(optimizer="adaggnmc")
+    straight = train(config, tmp_path / "straight", _splits(), show_progress=False)
+
+    saves = {"n": 0}
+    original = train_module._atomic_torch_save
+
+    def dying_save(obj, path):
+        original(obj, path)
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise KeyboardInterrupt  # killed after the second epoch's checkpoint
+
+    monkeypatch.setattr(train_module, "_atomic_torch_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "resumed", _splits(), show_progress=False)
+    monkeypatch.setattr(train_module, "_atomic_torch_save", original)
+    assert (tmp_path / "resumed" / f"{config.name()}.ckpt").exists()
+    resumed = train(config, tmp_path / "resumed", _splits(), show_progress=False)
+    for key in straight["curves"]:
+        if key != "time":
+            assert resumed["curves"][key] == straight["curves"][key], key
+
+
+def test_divergence_is_recorded(tmp_path):
+    record = train(_config(optimizer="sgd", lr=1e12), tmp_path, _splits(), show_progress=False)
+    assert record["status"] == "diverged"
+    assert len(record["curves"]["epoch"]) < 4
+
+
+def _record(losses, status="finished"):
+    return {"status": status, "curves": {"valid_loss": losses}}
+
+
+def test_area_under_validation_loss_selects_the_best():
+    records = {
+        "fast": _record([2.0, 0.5, 0.4]),
+        "slow": _record([2.0, 1.5, 0.3]),
+        "diverged": _record([2.0, 0.1], status="diverged"),
+        "nan": _record([2.0, math.nan, 0.1]),
+    }
+    areas = {k: tune_module.area_under_validation_loss(r) for k, r in records.items()}
+    assert min(areas, key=areas.get) == "fast"
+    assert math.isinf(areas["diverged"]) and math.isinf(areas["nan"])
+
+
+def test_tune_round_trip_resumes_after_a_kill(tmp_path, monkeypatch):
+    monkeypatch.setattr(tune_module, "load", lambda *a, **k: None)
+    monkeypatch.setattr(tune_module, "deepobs_splits", lambda *a, **k: _splits())
+    calls = {"trained": 0}
+    original = tune_module.train
+
+    def counting_train(config, out, splits, device="cpu"):
+        path = out / f"{config.name()}.json"
+        if not path.exists():
+            calls["trained"] += 1
+            if calls["trained"] == 3 and not calls.get("killed"):
+                calls["killed"] = True
+                raise KeyboardInterrupt
+        return original(config, out, splits, device=device, show_progress=False)
+
+    monkeypatch.setattr(tune_module, "train", counting_train)
+    args = dict(
+        problem="fmnist_mlp", optimizers=["adam", "adahesscalegn"], budget="tiny", out=tmp_path
+    )
+    with pytest.raises(KeyboardInterrupt):
+        tune_module.tune(**args)
+    done_before = calls["trained"] - 1
+    summary = tune_module.tune(**args)
+    # tiny budget: 2 step sizes, then 2 seeds of the best (seed 0 reused) per optimizer
+    assert calls["trained"] - 1 == 2 * (2 + 1) and done_before == 2
+    assert set(summary["optimizers"]) == {"adam", "adahesscalegn"}
+    for entry in summary["optimizers"].values():
+        assert len(entry["seeds"]) == 2 and entry["best"]["lr"] in [
+            r["lr"] for r in entry["search"]
+        ]
+    for name in ("curves_epochs.png", "curves_time.png", "sensitivity.png", "summary.json"):
+        assert (tmp_path / "fmnist_mlp" / name).exists()
+    assert "adahesscalegn" in tune_module.report(summary)
