@@ -70,6 +70,7 @@ class _Tape:
     loss: _LossCall | None = None  # set by the extended loss that consumed the output
     pending: dict[int, Tensor] = field(default_factory=dict)
     busy: bool = False  # inside the engine's own backward pass (GGN-MC): hooks stand aside
+    loss_factor: Tensor | None = None  # ∂(what is backpropagated)/∂(loss value), see _on_loss
     workspaces: dict = field(default_factory=dict)
 
 
@@ -240,11 +241,18 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
         finally:
             tape.busy = False
         for layer, estimates in sampled:
+            if tape.loss_factor is not None:
+                estimates = {k: v * tape.loss_factor for k, v in estimates.items()}
             _store(tape, layer, estimates)
         for r in tape.records:
             r.input = r.output = None
         return
-    s_out = tape.loss.curvature(tape.method) if last else tape.pending.pop(index)
+    if last:
+        s_out = tape.loss.curvature(tape.method)
+        if tape.loss_factor is not None:
+            s_out = s_out * tape.loss_factor
+    else:
+        s_out = tape.pending.pop(index)
     ctx = LayerContext(
         module=record.module,
         input=record.input,
@@ -288,14 +296,28 @@ def _store(tape: _Tape, record: _Record, estimates: dict[str, Tensor]) -> None:
 
 
 def _on_loss(module, args, kwargs, output):
-    """Forward hook of an extended loss: tell each producing tape how to get its ``ŝ``."""
+    """Forward hook of an extended loss: tell each producing tape how to get its ``ŝ``.
+
+    The loss value may be scaled before the backward pass (``(c * loss).backward()``, a
+    ``GradScaler``, a sum of losses): a hook on it receives ``c = ∂(backpropagated)/∂L``, and the
+    curvature is that of ``c · L``, consistent with the gradients the backward pass computes.
+    """
     rule = getattr(module, _LOSS_STATE)
     bound = bind_loss_arguments(module, args, kwargs)
+    consumers = []
     for role in rule.roles:
         tensor = bound.get(role)
         tape = getattr(tensor, _TAPE_TAG, None) if isinstance(tensor, Tensor) else None
         if tape is not None and tape.records[-1].output is tensor:
             tape.loss = _LossCall(module, dict(bound), role)
+            consumers.append(tape)
+    if consumers and isinstance(output, Tensor) and output.requires_grad:
+        output.register_hook(partial(_set_loss_factor, consumers))
+
+
+def _set_loss_factor(tapes: list[_Tape], grad: Tensor) -> None:
+    for tape in tapes:
+        tape.loss_factor = grad.detach()
 
 
 def extend(module: nn.Module) -> nn.Module:

@@ -205,3 +205,23 @@ def test_non_finite_inputs_give_non_finite_estimates():
     x[0, 0, 0, 0] = float("nan")
     _, estimate = hesscale.diagonal(model, loss_fn, x, y)
     assert any(not torch.isfinite(v).all() for v in estimate.values())
+
+
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn", "bl89", "ggn_mc"])
+def test_a_scaled_loss_scales_the_estimate(method):
+    """(c·L).backward(): gradients and curvature are both of c·L (e.g. under a GradScaler)."""
+    model, loss_fn, x, y = build(CASES["mlp-tanh"])
+    model, loss_fn = hesscale.extend(model), hesscale.extend(loss_fn)
+    params = list(model.parameters())
+    estimates = []
+    for scale in (1.0, -0.25, 1024.0):
+        hesscale.request(params, method)
+        torch.manual_seed(0)
+        (scale * loss_fn(model(x), y)).backward()
+        estimates.append({n: p.hess_diag / scale for n, p in model.named_parameters()})
+    hesscale.request(params, None)
+    assert_close_dicts(estimates[1], estimates[0])
+    assert_close_dicts(estimates[2], estimates[0])
+    exact = exact_hessian_diagonal(model, loss_fn, x, y)
+    if method == "hesscale":  # and c = 1 is the loss itself: the last layer is exact
+        torch.testing.assert_close(estimates[0]["4.weight"], exact["4.weight"])
