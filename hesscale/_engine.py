@@ -66,6 +66,7 @@ class _Tape:
     options: _Options
     id: int = field(default_factory=lambda: next(_tape_ids))
     records: list[_Record] = field(default_factory=list)
+    called: set = field(default_factory=set)  # modules called so far (reuse is refused)
     first: int = 0
     loss: _LossCall | None = None  # set by the extended loss that consumed the output
     pending: dict[int, Tensor] = field(default_factory=dict)
@@ -165,7 +166,7 @@ class _ModelState:
                 "modules that map one tensor to one tensor"
             )
         x = args[0]
-        if any(r.module is module for r in tape.records):
+        if module in tape.called:
             raise NonChainForwardError(
                 f"forward of {self.root_name} is not a chain: module '{path}' is called twice "
                 "(reused modules share parameters across positions and are not supported)"
@@ -186,6 +187,7 @@ class _ModelState:
                 f"forward of {self.root_name} is not a chain: its first module '{path}' "
                 "receives a tensor computed from trainable values outside any module"
             )
+        tape.called.add(module)
         if output is x:  # returned its input unchanged (Identity, eval-mode Dropout): J = I
             return
         index = len(tape.records)
@@ -346,8 +348,6 @@ def extend(module: nn.Module) -> nn.Module:
         leaf.register_forward_hook(state.on_leaf)
     module.register_forward_hook(state.on_root_end)
     setattr(module, _STATE, state)
-    for p in state.params:
-        p._hesscale_extended = True
     return module
 
 
