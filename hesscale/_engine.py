@@ -72,6 +72,7 @@ class _Tape:
     pending: dict[int, Tensor] = field(default_factory=dict)
     busy: bool = False  # inside the engine's own backward pass (GGN-MC): hooks stand aside
     loss_factor: Tensor | None = None  # ∂(what is backpropagated)/∂(loss value), see _on_loss
+    dtype: torch.dtype | None = None  # the parameters' dtype: curvature is computed in it
     workspaces: dict = field(default_factory=dict)
 
 
@@ -93,10 +94,12 @@ class _LossCall:
     arguments: dict
     role: str
 
-    def curvature(self, method: Method) -> Tensor:
-        return getattr(self.module, _LOSS_STATE).curvature(self.module, self.arguments, method)[
-            self.role
-        ]
+    def curvature(self, method: Method, dtype: torch.dtype | None = None) -> Tensor:
+        arguments = {
+            k: _as(v, dtype) if isinstance(v, Tensor) else v for k, v in self.arguments.items()
+        }
+        rule = getattr(self.module, _LOSS_STATE)
+        return rule.curvature(self.module, arguments, method)[self.role]
 
     def factors(self, samples: int, generator) -> Tensor:
         if self.role != "input":
@@ -150,8 +153,13 @@ class _ModelState:
             self.tape = None
             return
         first = args[0] if args and isinstance(args[0], Tensor) else None
+        floating = [p.dtype for p in self.params if p.is_floating_point()]
         self.tape = _Tape(
-            method=method, root_input=first, options=self.options, workspaces=self.workspaces
+            method=method,
+            root_input=first,
+            options=self.options,
+            workspaces=self.workspaces,
+            dtype=floating[0] if floating else None,
         )
 
     def on_leaf(self, module, args, output):
@@ -218,7 +226,18 @@ class _ModelState:
 
 
 def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
-    """Backward hook on the output of module ``index``: apply its rule (see module docstring)."""
+    """Backward hook on the output of module ``index``: apply its rule (see module docstring).
+
+    Autocast is switched off: a backward pass started inside an autocast region would otherwise
+    run the rules' products in low precision."""
+    device = grad.device.type
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return _backpropagate(tape, index, grad)
+    return _backpropagate(tape, index, grad)
+
+
+def _backpropagate(tape: _Tape, index: int, grad: Tensor) -> None:
     last = index == len(tape.records) - 1
     if index < tape.first or tape.busy or (tape.method.monte_carlo and not last):
         return
@@ -238,7 +257,7 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
         tape.busy = True
         try:
             sampled = sampled_ggn_diagonals(
-                tape.records, record.output, factors, tape.options.individual
+                tape.records, record.output, factors, tape.options.individual, tape.dtype
             )
         finally:
             tape.busy = False
@@ -250,17 +269,19 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
             r.input = r.output = None
         return
     if last:
-        s_out = tape.loss.curvature(tape.method)
+        s_out = tape.loss.curvature(tape.method, tape.dtype)
         if tape.loss_factor is not None:
             s_out = s_out * tape.loss_factor
     else:
         s_out = tape.pending.pop(index)
+    dtype = tape.dtype  # under autocast, the curvature pass runs in the parameters' dtype
     ctx = LayerContext(
         module=record.module,
-        input=record.input,
-        output=record.output,
-        grad_output=grad,
-        curvature_output=s_out,
+        input=_as(record.input, dtype),
+        output=_as(record.output, dtype),
+        grad_output=_as(grad, dtype),
+        curvature_output=_as(s_out, dtype),
+        output_node=record.output.grad_fn,
         method=tape.method,
         need_input_curvature=index > tape.first,
         individual=tape.options.individual,
@@ -277,6 +298,13 @@ def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
         tape.pending[index - 1] = result.curvature_input
     _store(tape, record, result.parameters)
     record.input = record.output = None
+
+
+def _as(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` in ``dtype`` when both are floating and differ (mixed precision), else ``t``."""
+    if dtype is None or t.dtype == dtype or not t.is_floating_point():
+        return t
+    return t.to(dtype)
 
 
 def _store(tape: _Tape, record: _Record, estimates: dict[str, Tensor]) -> None:

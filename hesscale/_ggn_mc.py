@@ -38,7 +38,9 @@ def per_example_gradients(module: nn.Module, h: Tensor, delta: Tensor) -> dict[s
     return vmap(one, (None, 0, 0))(params, h, delta)
 
 
-def sampled_ggn_diagonals(records, output: Tensor, factors: Tensor, individual: bool):
+def sampled_ggn_diagonals(
+    records, output: Tensor, factors: Tensor, individual: bool, dtype: torch.dtype | None = None
+):
     """``[(record, {name: estimate})]`` for records with parameters; factors ``(k, N, *out)``."""
     layers = [
         r for r in records if any(p.requires_grad for p in r.module.parameters(recurse=False))
@@ -50,6 +52,8 @@ def sampled_ggn_diagonals(records, output: Tensor, factors: Tensor, individual: 
     results = []
     for record, delta in zip(layers, deltas):
         h = record.input.detach()
+        if dtype is not None and h.is_floating_point():  # mixed precision: the params' dtype
+            h, delta = h.to(dtype), delta.to(dtype)
         n = h.shape[0]
         if isinstance(record.module, nn.Linear) and h.dim() == 2 and not individual:
             d_sq = (delta * delta).reshape(k * n, -1)

@@ -225,3 +225,35 @@ def test_a_scaled_loss_scales_the_estimate(method):
     exact = exact_hessian_diagonal(model, loss_fn, x, y)
     if method == "hesscale":  # and c = 1 is the loss itself: the last layer is exact
         torch.testing.assert_close(estimates[0]["4.weight"], exact["4.weight"])
+
+
+@pytest.mark.parametrize("method", ["hesscale", "ggn_mc"])
+def test_bfloat16_autocast_gives_float32_estimates_close_to_float32(method):
+    """Mixed precision: the curvature pass runs in the parameters' dtype (float32)."""
+    model, loss_fn, x, y = build(CASES["dropout-train"], dtype=torch.float32)
+    torch.manual_seed(0)
+    _, ref = hesscale.diagonal(
+        model,
+        loss_fn,
+        x,
+        y,
+        method=method,
+        samples=2000,
+        generator=torch.Generator().manual_seed(0),
+    )
+    model.zero_grad()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, est = hesscale.diagonal(
+            model,
+            loss_fn,
+            x,
+            y,
+            method=method,
+            samples=2000,
+            generator=torch.Generator().manual_seed(0),
+        )
+    for k in ref:
+        assert est[k].dtype == torch.float32
+        scale = ref[k].abs().max()
+        torch.testing.assert_close(est[k] / scale, ref[k] / scale, rtol=0.05, atol=0.03)

@@ -31,6 +31,8 @@ class LayerContext:
         need_input_curvature: whether ``ŝ_x`` is needed (False for the first layer).
         individual: return parameter estimates per example, shaped ``(N, *param.shape)``,
             instead of their sum over the batch.
+        output_node: the autograd node that produced ``output`` in the forward pass (its mask,
+            for dropout), kept even when the engine casts ``output`` to the parameters' dtype.
         workspace: a dict that persists across calls for this module, for buffers that a rule
             may overwrite in place (see :func:`buffer`), or None when results must be fresh
             tensors (``hesscale.diagonal``). On CPU, reusing parameter-sized buffers avoids
@@ -46,6 +48,7 @@ class LayerContext:
     need_input_curvature: bool
     individual: bool = False
     workspace: dict | None = None
+    output_node: object = None
 
 
 @dataclass(frozen=True)

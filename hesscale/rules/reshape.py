@@ -31,12 +31,12 @@ def dropout_rule(ctx: LayerContext) -> Backprop:
     """
     if not ctx.need_input_curvature:
         return Backprop(None)
-    node = ctx.output.grad_fn
+    node = ctx.output_node
     if not ctx.module.training or ctx.module.p == 0 or node is None:
         return Backprop(ctx.curvature_output)
     scale = node(ctx.output.new_ones(ctx.output.shape))
     scale = scale[0] if isinstance(scale, tuple) else scale
-    return Backprop(squared(scale) * ctx.curvature_output)
+    return Backprop(squared(scale.to(ctx.curvature_output.dtype)) * ctx.curvature_output)
 
 
 def zero_pad_rule(ctx: LayerContext) -> Backprop:
