@@ -40,6 +40,7 @@ _LOSS_STATE = "_hesscale_loss_rule"
 _REQUEST = "_hesscale_request"
 _TAPE_TAG = "_hesscale_tape"
 _ESTIMATE_ID = "_hess_diag_id"
+_LOSS_FACTOR = "_hess_diag_loss_factor"
 ESTIMATE_ATTRIBUTE = "hess_diag"
 
 _tape_ids = itertools.count(1)
@@ -323,6 +324,7 @@ def _store(tape: _Tape, record: _Record, estimates: dict[str, Tensor]) -> None:
             )
         setattr(param, ESTIMATE_ATTRIBUTE, estimate.detach())
         setattr(param, _ESTIMATE_ID, tape.id)
+        setattr(param, _LOSS_FACTOR, tape.loss_factor)
 
 
 def _on_loss(module, args, kwargs, output):
@@ -394,6 +396,11 @@ def request(params, method: str | None) -> None:
         get_method(method)
     for p in params:
         setattr(p, _REQUEST, method)
+
+
+def loss_factor(param: Tensor) -> Tensor | None:
+    """The factor ``c`` of the backpropagated ``c · L`` behind ``param.hess_diag`` (see _on_loss)."""
+    return getattr(param, _LOSS_FACTOR, None)
 
 
 def estimate_id(param: Tensor) -> int | None:

@@ -6,13 +6,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, request
+import torch.distributed as dist
+
+from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, loss_factor, request
 from ._functional import curvature_adam
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _all_reduce_mean(tensors: list[Tensor]) -> list[Tensor]:
+    """The mean over ranks of each tensor, in one bucketed all-reduce (one flat buffer)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
 
 
 class CurvatureAdam(Optimizer):
@@ -34,7 +48,16 @@ class CurvatureAdam(Optimizer):
         update_every: refresh the curvature every k-th step only; in between, the backward pass
             computes gradients alone and ``v`` is kept (as Sophia does).
         maximize: maximize the objective.
+        distributed: average the estimates across the ranks of ``torch.distributed`` (one
+            all-reduce per parameter group, after the backward pass), as DistributedDataParallel
+            averages gradients. None (default): when a process group of several ranks exists.
+
+    With ``torch.amp.GradScaler`` (``scaler.step(opt)``), the loss scale is removed from the
+    gradients and from the estimates, and a step skipped for overflow leaves the curvature
+    averages untouched.
     """
+
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
 
     method: str | None = None
     squared: bool = True
@@ -51,6 +74,7 @@ class CurvatureAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         update_every: int = 1,
         maximize: bool = False,
+        distributed: bool | None = None,
     ):
         if isinstance(lr, Tensor):
             lr = float(lr)
@@ -75,6 +99,7 @@ class CurvatureAdam(Optimizer):
             maximize=maximize,
         )
         super().__init__(params, defaults)
+        self.distributed = distributed
         self._consumed: dict[int, int] = {}
         for group in self.param_groups:
             self._request(group, self._wants_estimate(group))
@@ -117,6 +142,29 @@ class CurvatureAdam(Optimizer):
             result.append(getattr(p, ESTIMATE_ATTRIBUTE))
         return result
 
+    def _unscale(self, params, grads, estimates, grad_scale):
+        """Divide gradients (unless the scaler did) and estimates by the loss scale.
+
+        The estimates are of the backpropagated ``S · L``; ``S`` is the scaler's scale, or, when
+        ``scaler.unscale_`` already ran (gradient clipping), the factor the engine recorded.
+        """
+        if grad_scale is not None:
+            inv = 1.0 / grad_scale
+            grads = [g * inv.to(g.dtype) if torch.is_tensor(inv) else g * inv for g in grads]
+        unscaled = []
+        for p, estimate in zip(params, estimates):
+            if estimate is None:
+                unscaled.append(None)
+                continue
+            scale = grad_scale if grad_scale is not None else loss_factor(p)
+            unscaled.append(estimate if scale is None else estimate / scale)
+        return grads, unscaled
+
+    def _averages_across_ranks(self) -> bool:
+        if self.distributed is not None:
+            return self.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
     @torch.no_grad()
     def step(self, closure=None):
         """One update; ``closure`` re-evaluates the model (forward, backward), returns the loss."""
@@ -124,6 +172,10 @@ class CurvatureAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
+        if found_inf is not None and found_inf.item() != 0:
+            return loss  # overflow: skip the step, gradients and curvature alike
+        grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -139,6 +191,11 @@ class CurvatureAdam(Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             update_curvature = self._wants_estimate(group)
             estimates = self._estimates(group, params) if update_curvature else [None] * len(params)
+            grads = [p.grad.detach() for p in params]
+            if found_inf is not None:  # under a GradScaler: remove the loss scale
+                grads, estimates = self._unscale(params, grads, estimates, grad_scale)
+            if update_curvature and self._averages_across_ranks():
+                estimates = _all_reduce_mean(estimates)
             for p in params:
                 self.state[p]["step"] += 1
                 if update_curvature:
@@ -146,7 +203,7 @@ class CurvatureAdam(Optimizer):
             beta1, beta2 = group["betas"]
             curvature_adam(
                 params,
-                [p.grad.detach() for p in params],
+                grads,
                 estimates,
                 [self.state[p]["exp_avg"] for p in params],
                 [self.state[p]["exp_avg_sq"] for p in params],
