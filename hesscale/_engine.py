@@ -399,7 +399,7 @@ def request(params, method: str | None) -> None:
 
 
 def loss_factor(param: Tensor) -> Tensor | None:
-    """The factor ``c`` of the backpropagated ``c · L`` behind ``param.hess_diag`` (see _on_loss)."""
+    """The factor ``c`` of the backpropagated ``c · L`` behind ``param.hess_diag``."""
     return getattr(param, _LOSS_FACTOR, None)
 
 

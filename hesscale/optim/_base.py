@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
-
-import torch.distributed as dist
 
 from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, loss_factor, request
 from ._functional import curvature_adam
