@@ -153,6 +153,11 @@ class _ModelState:
         if method is None or not torch.is_grad_enabled():
             self.tape = None
             return
+        if torch.compiler.is_compiling():
+            raise UnsupportedModuleError(
+                f"{self.root_name} is extended and being compiled by torch.compile: compiled "
+                "graphs bypass the hooks that compute the estimates. Train the uncompiled model."
+            )
         first = args[0] if args and isinstance(args[0], Tensor) else None
         floating = [p.dtype for p in self.params if p.is_floating_point()]
         self.tape = _Tape(
@@ -215,7 +220,8 @@ class _ModelState:
         if output is not last.output or output._version != last.version:
             raise NonChainForwardError(
                 f"forward of {self.root_name} is not a chain: what it returns is not the "
-                f"unmodified output of its last module '{last.path}' (a computation follows it)"
+                f"unmodified output of its last module '{last.path}' (a computation follows it, "
+                "or the model runs under torch.compile, which is not supported)"
             )
         trainable = [
             i
@@ -372,6 +378,11 @@ def extend(module: nn.Module) -> nn.Module:
         return module
     if hasattr(module, _STATE):
         return module
+    if type(module).__name__ == "OptimizedModule" or hasattr(module, "_orig_mod"):
+        raise UnsupportedModuleError(
+            "extend() got a torch.compile'd model: compiled graphs bypass the per-module hooks "
+            "that record the forward pass. Extend and train the uncompiled model."
+        )
     state = _ModelState(module)
     module.register_forward_pre_hook(state.on_root_start)
     for leaf in state.rules:

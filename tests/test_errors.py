@@ -180,3 +180,19 @@ def test_registering_a_rule_for_a_custom_layer():
     expected = recursion_reference(model, nn.CrossEntropyLoss(), x, y)
     for k in expected:
         torch.testing.assert_close(estimate[k], expected[k])
+
+
+def test_compiled_models_are_refused_with_a_clear_message():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(UnsupportedModuleError, match="torch.compile"):
+        hesscale.extend(torch.compile(model))
+
+
+def test_compiling_an_extended_model_is_refused():
+    model = hesscale.extend(nn.Sequential(nn.Linear(3, 2)))
+    hesscale.request(model.parameters(), "hesscale")
+    try:
+        with pytest.raises(UnsupportedModuleError, match="torch.compile"):
+            torch.compile(model)(torch.randn(2, 3))
+    finally:
+        hesscale.request(model.parameters(), None)
