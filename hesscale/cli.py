@@ -174,5 +174,5 @@ def main(argv=None) -> None:
                 run(argparse.Namespace(**{**vars(args), "out": out}))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `torchrun ... -m hesscale.cli train ...`
     main()

@@ -1,6 +1,7 @@
 """Scale-out: loss scaling (GradScaler) and data-parallel training across processes."""
 
 import copy
+import json
 import os
 import socket
 
@@ -112,3 +113,44 @@ def test_data_parallel_ranks_agree_with_a_single_process_on_the_full_batch(tmp_p
     single, _ = _run(model, x, y, steps)
     for a, b in zip(torch.load(result), single.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _train_worker(rank, world, port, out, splits):
+    from hesscale.experiments.train import RunConfig, train
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    config = RunConfig(
+        problem="fmnist_mlp", optimizer="adahesscalegn", lr=1e-3, epochs=2, batch_size=16
+    )
+    train(config, out, splits, show_progress=False)
+    dist.destroy_process_group()
+
+
+def test_train_runs_data_parallel_like_one_process(tmp_path):
+    """What `torchrun --nproc-per-node 2 hesscale train ...` does, with gloo on CPU."""
+    from hesscale.experiments.train import RunConfig, train
+
+    from .test_training import _splits
+
+    splits = _splits()
+    mp.spawn(_train_worker, args=(2, _free_port(), tmp_path / "ddp", splits), nprocs=2, join=True)
+    config = RunConfig(
+        problem="fmnist_mlp", optimizer="adahesscalegn", lr=1e-3, epochs=2, batch_size=16
+    )
+    single = train(config, tmp_path / "single", splits, show_progress=False)
+    ddp = json.loads((tmp_path / "ddp" / f"{config.name()}.json").read_text())
+    assert ddp["processes"] == 2 and single["processes"] == 1
+    for key in ("train_eval_loss", "valid_loss", "test_acc"):
+        torch.testing.assert_close(
+            torch.tensor(ddp["curves"][key]),
+            torch.tensor(single["curves"][key]),
+            rtol=1e-4,
+            atol=1e-5,
+        )

@@ -1,5 +1,9 @@
 """``hesscale train``: one training run on a DeepOBS problem, resumable epoch by epoch.
 
+Under ``torchrun --nproc-per-node N`` the run is data-parallel: every rank takes its share of
+each batch (the global batch size stays the problem's), DistributedDataParallel averages the
+gradients and the optimizers average their curvature estimates; rank 0 evaluates and writes.
+
 A run evaluates loss and accuracy on the train-eval, validation and test sets before training
 and after every epoch, and records the cumulative training time (evaluation excluded). It stops
 as *diverged* when a training loss is NaN or exceeds 1e10. After every epoch it writes a
@@ -20,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import hesscale
@@ -101,6 +106,51 @@ def _atomic_torch_save(obj, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel run (a single process by default)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (so that all ranks stop together)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def ranks_from_environment(device: str) -> tuple[Ranks, str]:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, nccl on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(), device
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
+
+
 def _empty_curves() -> dict:
     curves = {"epoch": [], "time": []}
     for split in METRICS:
@@ -123,6 +173,7 @@ def train(
     result_path, ckpt_path = out / f"{config.name()}.json", out / f"{config.name()}.ckpt"
     if result_path.exists():
         return json.loads(result_path.read_text())
+    ranks, device = ranks_from_environment(device)
     problem = get_problem(config.problem)
     if splits is None:
         splits = deepobs_splits(load(problem.dataset, data_dir, download), problem.dataset)
@@ -132,16 +183,19 @@ def train(
     torch.manual_seed(config.seed)
     model = hesscale.extend(build_network(problem, config.padding).to(device))
     loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    net = nn.parallel.DistributedDataParallel(model) if ranks.world > 1 else model
     opt = make_optimizer(config, model, l2)
     curves, start_epoch, status, elapsed = _empty_curves(), 0, "running", 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"][ranks.rank])
         curves, start_epoch, elapsed = state["curves"], state["epoch"], state["elapsed"]
 
     def record_evaluation(epoch: int) -> None:
+        if not ranks.lead:
+            return
         curves["epoch"].append(epoch)
         curves["time"].append(elapsed)
         for split in METRICS:
@@ -155,7 +209,7 @@ def train(
     train_x, train_y = splits.train
     bar = (
         progress(total=config.epochs, desc=config.name()[:40], unit="epoch")
-        if show_progress
+        if show_progress and ranks.lead
         else None
     )
     if bar is not None:
@@ -168,13 +222,13 @@ def train(
             batches = list(batches)[: config.max_batches]
         tic = time.perf_counter()
         for i in batches:
-            idx = order[i : i + batch_size]
+            idx = order[i : i + batch_size].tensor_split(ranks.world)[ranks.rank]
             x = prepare(train_x[idx], splits.augment, gen).to(device)
             y = train_y[idx].to(device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(net(x), y)
             value = loss.item()
-            if not math.isfinite(value) or value > DIVERGENCE_THRESHOLD:
+            if ranks.any(not math.isfinite(value) or value > DIVERGENCE_THRESHOLD):
                 status = "diverged"
                 break
             with warnings.catch_warnings():
@@ -185,17 +239,19 @@ def train(
         if status == "diverged":
             break
         record_evaluation(epoch + 1)
-        _atomic_torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "rng": torch.get_rng_state(),
-                "curves": curves,
-                "epoch": epoch + 1,
-                "elapsed": elapsed,
-            },
-            ckpt_path,
-        )
+        rng = ranks.gather(torch.get_rng_state())
+        if ranks.lead:
+            _atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": rng,
+                    "curves": curves,
+                    "epoch": epoch + 1,
+                    "elapsed": elapsed,
+                },
+                ckpt_path,
+            )
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"valid loss {curves['valid_loss'][-1]:.4f}")
@@ -212,8 +268,11 @@ def train(
         "batch_size": batch_size,
         "curves": curves,
         "seconds_per_epoch": elapsed / epochs_done,
+        "processes": ranks.world,
         "environment": environment_record(),
     }
-    atomic_write_json(result_path, record)
-    ckpt_path.unlink(missing_ok=True)
-    return record
+    if ranks.lead:
+        atomic_write_json(result_path, record)
+        ckpt_path.unlink(missing_ok=True)
+    ranks.barrier()
+    return json.loads(result_path.read_text())
