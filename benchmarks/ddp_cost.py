@@ -1,0 +1,84 @@
+"""Data-parallel cost: a DDP training step with AdaHesScale over one with Adam, side by side.
+
+Spawns N CPU processes (gloo); each times interleaved training steps (forward, backward,
+update) of the same network under DistributedDataParallel with Adam, AdaHesScale and
+AdaHesScaleGN, and the all-reduce of the curvature estimates alone. Rank 0 prints the ratios.
+
+    python benchmarks/ddp_cost.py [--processes 2] [--layers 4] [--batch-size 128] [--rounds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import hesscale
+from hesscale.experiments.networks import fig2b_network
+from hesscale.experiments.timing import interleaved_times
+from hesscale.optim import AdaHesScale, AdaHesScaleGN
+from hesscale.optim._base import _all_reduce_mean
+
+
+def worker(rank, args, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=args.processes)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.processes))
+    torch.manual_seed(0)
+    base = hesscale.extend(fig2b_network(args.layers))
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    local = args.batch_size // args.processes
+    x, y = torch.randn(local, 64), torch.randint(0, 100, (local,))
+    fns = {}
+    for name, cls in (
+        ("Adam", torch.optim.Adam),
+        ("AdaHesScale", AdaHesScale),
+        ("AdaHesScaleGN", AdaHesScaleGN),
+    ):
+        model = copy.deepcopy(base)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = cls(ddp.parameters(), lr=1e-5)
+
+        def step(ddp=ddp, opt=opt):
+            opt.zero_grad()
+            loss_fn(ddp(x), y).backward()
+            opt.step()
+
+        fns[name] = step
+    estimates = [torch.randn_like(p) for p in base.parameters()]
+    fns["estimate all-reduce"] = lambda: _all_reduce_mean(estimates)
+    # every rank must run the same order: interleaved_times shuffles with a shared seed
+    times = interleaved_times(fns, rounds=args.rounds, warmup=3, seed=0)
+    if rank == 0:
+        adam = times["Adam"]["median"]
+        params = sum(p.numel() for p in base.parameters())
+        print(
+            f"{args.processes} processes (gloo, CPU), {args.layers} hidden layers "
+            f"({params} parameters), global batch {args.batch_size}"
+        )
+        for name, t in times.items():
+            print(f"  {name:<20} {t['median'] * 1e3:8.2f} ms   {t['median'] / adam:5.2f}x Adam")
+    dist.destroy_process_group()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(args, port), nprocs=args.processes, join=True)
+
+
+if __name__ == "__main__":
+    main()
