@@ -72,7 +72,7 @@ def conv_rule(ctx: LayerContext) -> Backprop:
     has_bias = module.bias is not None
     w_sq = squared(module.weight)
 
-    def backward(s_out, h_sq, need_input):
+    def backward(s_out, h_sq, need_input, need_params=True):
         return torch.ops.aten.convolution_backward(
             s_out,
             h_sq,
@@ -84,11 +84,11 @@ def conv_rule(ctx: LayerContext) -> Backprop:
             transposed,
             output_padding,
             module.groups,
-            [need_input, True, has_bias],
+            [need_input, need_params, need_params and has_bias],
         )
 
     s_out = ctx.curvature_output
-    s_in, s_w, s_b = backward(s_out, h_sq, ctx.need_input_curvature)
+    s_in, s_w, s_b = backward(s_out, h_sq, ctx.need_input_curvature, not ctx.individual)
     if ctx.individual:  # one weight backward per example
         parts = [backward(s_out[i : i + 1], h_sq[i : i + 1], False) for i in range(len(s_out))]
         s_w = torch.stack([p[1] for p in parts])
