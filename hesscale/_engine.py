@@ -20,6 +20,7 @@ module ``i − 1``. Curvature thus flows alongside the gradient in the same back
 from __future__ import annotations
 
 import itertools
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,14 +49,26 @@ _tape_ids = itertools.count(1)
 
 @dataclass
 class _Record:
-    """One leaf module call of the forward pass."""
+    """One leaf module call of the forward pass.
+
+    Values are kept detached and the output's identity as a weak reference: the output carries
+    a hook that refers to the tape, and a tape referring back to it would form a cycle through
+    autograd's C++ graph that Python's garbage collector cannot break.
+    """
 
     module: nn.Module
     path: str
     rule: Rule
     input: Tensor | None
     output: Tensor | None
+    output_ref: weakref.ref
     version: int
+    saved: object = None
+    live_output: Tensor | None = None  # the graph-attached output, kept for GGN-MC only
+
+    def produced(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is this module's unmodified output."""
+        return self.output_ref() is tensor and tensor._version == self.version
 
 
 @dataclass
@@ -132,6 +145,7 @@ class _ModelState:
         self.forced: Method | None = None
         self.options = _Options()
         self.tape: _Tape | None = None
+        self.last_monte_carlo: weakref.ref | None = None
 
     # --- forward --------------------------------------------------------------------------
     def requested_method(self) -> Method | None:
@@ -149,6 +163,10 @@ class _ModelState:
         return METHODS[names.pop()]
 
     def on_root_start(self, model, args):
+        previous = self.last_monte_carlo() if self.last_monte_carlo is not None else None
+        if previous is not None:  # its graph-attached outputs form a cycle until released
+            _release(previous)
+            self.last_monte_carlo = None
         method = self.requested_method()
         if method is None or not torch.is_grad_enabled():
             self.tape = None
@@ -167,6 +185,7 @@ class _ModelState:
             workspaces=self.workspaces,
             dtype=floating[0] if floating else None,
         )
+        self.last_monte_carlo = weakref.ref(self.tape) if method.monte_carlo else None
 
     def on_leaf(self, module, args, output):
         tape = self.tape
@@ -187,7 +206,7 @@ class _ModelState:
             )
         if tape.records:
             prev = tape.records[-1]
-            if x is not prev.output or x._version != prev.version:
+            if not prev.produced(x):
                 raise NonChainForwardError(
                     f"forward of {self.root_name} is not a chain: module '{path}' "
                     f"({type(module).__name__}) received a tensor that is not the unmodified "
@@ -206,7 +225,20 @@ class _ModelState:
             return
         index = len(tape.records)
         rule = self.rules[module]
-        tape.records.append(_Record(module, path, rule, x, output, output._version))
+        saved = rule.capture(module, x, output) if rule.capture is not None else None
+        tape.records.append(
+            _Record(
+                module,
+                path,
+                rule,
+                x.detach(),
+                output.detach(),
+                weakref.ref(output),
+                output._version,
+                saved,
+                live_output=output if tape.method.monte_carlo else None,
+            )
+        )
         if output.requires_grad:
             output.register_hook(partial(_on_output_grad, tape, index))
 
@@ -217,7 +249,7 @@ class _ModelState:
         if not tape.records:
             return
         last = tape.records[-1]
-        if output is not last.output or output._version != last.version:
+        if not last.produced(output):
             raise NonChainForwardError(
                 f"forward of {self.root_name} is not a chain: what it returns is not the "
                 f"unmodified output of its last module '{last.path}' (a computation follows it, "
@@ -229,7 +261,7 @@ class _ModelState:
             if any(p.requires_grad for p in r.module.parameters(recurse=False))
         ]
         tape.first = trainable[0] if trainable else len(tape.records)
-        setattr(output, _TAPE_TAG, tape)
+        setattr(output, _TAPE_TAG, weakref.ref(tape))
 
 
 def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
@@ -264,7 +296,7 @@ def _backpropagate(tape: _Tape, index: int, grad: Tensor) -> None:
         tape.busy = True
         try:
             sampled = sampled_ggn_diagonals(
-                tape.records, record.output, factors, tape.options.individual, tape.dtype
+                tape.records, record.live_output, factors, tape.options.individual, tape.dtype
             )
         finally:
             tape.busy = False
@@ -272,8 +304,7 @@ def _backpropagate(tape: _Tape, index: int, grad: Tensor) -> None:
             if tape.loss_factor is not None:
                 estimates = {k: v * tape.loss_factor for k, v in estimates.items()}
             _store(tape, layer, estimates)
-        for r in tape.records:
-            r.input = r.output = None
+        _release(tape)
         return
     if last:
         s_out = tape.loss.curvature(tape.method, tape.dtype)
@@ -288,7 +319,7 @@ def _backpropagate(tape: _Tape, index: int, grad: Tensor) -> None:
         output=_as(record.output, dtype),
         grad_output=_as(grad, dtype),
         curvature_output=_as(s_out, dtype),
-        output_node=record.output.grad_fn,
+        saved=record.saved,
         method=tape.method,
         need_input_curvature=index > tape.first,
         individual=tape.options.individual,
@@ -304,7 +335,17 @@ def _backpropagate(tape: _Tape, index: int, grad: Tensor) -> None:
             raise RuntimeError(f"the rule of '{record.path}' returned no input curvature")
         tape.pending[index - 1] = result.curvature_input
     _store(tape, record, result.parameters)
-    record.input = record.output = None
+    record.input = record.output = record.saved = None
+    if index == tape.first:
+        _release(tape)
+
+
+def _release(tape: _Tape) -> None:
+    """The pass is over: drop every tensor the tape kept (and so any reference cycle)."""
+    for r in tape.records:
+        r.input = r.output = r.saved = r.live_output = None
+    tape.loss = None
+    tape.pending.clear()
 
 
 def _as(t: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -345,9 +386,11 @@ def _on_loss(module, args, kwargs, output):
     consumers = []
     for role in rule.roles:
         tensor = bound.get(role)
-        tape = getattr(tensor, _TAPE_TAG, None) if isinstance(tensor, Tensor) else None
-        if tape is not None and tape.records[-1].output is tensor:
-            tape.loss = _LossCall(module, dict(bound), role)
+        tag = getattr(tensor, _TAPE_TAG, None) if isinstance(tensor, Tensor) else None
+        tape = tag() if tag is not None else None
+        if tape is not None and tape.records and tape.records[-1].produced(tensor):
+            arguments = {k: v.detach() if isinstance(v, Tensor) else v for k, v in bound.items()}
+            tape.loss = _LossCall(module, arguments, role)
             consumers.append(tape)
     if consumers and isinstance(output, Tensor) and output.requires_grad:
         output.register_hook(partial(_set_loss_factor, consumers))
@@ -455,7 +498,8 @@ def backpropagated_diagonal(
     )
     with _forced(model, config, options):
         output = model(inputs)
-    tape = getattr(output, _TAPE_TAG, None)
+    tag = getattr(output, _TAPE_TAG, None)
+    tape = tag() if tag is not None else None
     loss = loss_fn(output, target, **loss_kwargs)
     loss.backward()
     result = {}

@@ -46,7 +46,7 @@ def sampled_ggn_diagonals(
         r for r in records if any(p.requires_grad for p in r.module.parameters(recurse=False))
     ]
     deltas = torch.autograd.grad(
-        output, [r.output for r in layers], factors, retain_graph=True, is_grads_batched=True
+        output, [r.live_output for r in layers], factors, retain_graph=True, is_grads_batched=True
     )
     k = factors.shape[0]
     results = []

@@ -196,3 +196,27 @@ def test_compiling_an_extended_model_is_refused():
             torch.compile(model)(torch.randn(2, 3))
     finally:
         hesscale.request(model.parameters(), None)
+
+
+@pytest.mark.parametrize("method", ["hesscale", "ggn_mc"])
+@pytest.mark.parametrize("backward", [True, False])
+def test_no_reference_cycle_keeps_a_model_alive(method, backward):
+    """Tapes must not form cycles through autograd's C++ graph, which gc cannot collect."""
+    import gc
+    import weakref
+
+    def run():
+        model = hesscale.extend(nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)))
+        loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+        hesscale.request(model.parameters(), method)
+        loss = loss_fn(model(torch.randn(5, 3)), torch.tensor([0, 1, 0, 1, 1]))
+        if backward:
+            loss.backward()
+        # the next forward releases what an unfinished GGN-MC pass kept
+        hesscale.request(model.parameters(), None)
+        model(torch.randn(1, 3)).sum()
+        return weakref.ref(model[0]), weakref.ref(model)
+
+    leaf, root = run()
+    gc.collect()
+    assert root() is None and leaf() is None

@@ -257,6 +257,7 @@ def train(
             bar.set_postfix_str(f"valid loss {curves['valid_loss'][-1]:.4f}")
     if bar is not None:
         bar.close()
+    opt.zero_grad(set_to_none=True)  # AdaHessian's gradients hold their graph: break the cycle
     if status == "running":
         status = "finished"
     epochs_done = max(len(curves["epoch"]) - 1, 1)

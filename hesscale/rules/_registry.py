@@ -31,8 +31,7 @@ class LayerContext:
         need_input_curvature: whether ``ŝ_x`` is needed (False for the first layer).
         individual: return parameter estimates per example, shaped ``(N, *param.shape)``,
             instead of their sum over the batch.
-        output_node: the autograd node that produced ``output`` in the forward pass (its mask,
-            for dropout), kept even when the engine casts ``output`` to the parameters' dtype.
+        saved: what the rule's ``capture`` function kept in the forward pass (or None).
         workspace: a dict that persists across calls for this module, for buffers that a rule
             may overwrite in place (see :func:`buffer`), or None when results must be fresh
             tensors (``hesscale.diagonal``). On CPU, reusing parameter-sized buffers avoids
@@ -48,7 +47,7 @@ class LayerContext:
     need_input_curvature: bool
     individual: bool = False
     workspace: dict | None = None
-    output_node: object = None
+    saved: object = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,7 @@ class Backprop:
 
 RuleFn = Callable[[LayerContext], Backprop]
 CheckFn = Callable[[nn.Module], str | None]
+CaptureFn = Callable[[nn.Module, Tensor, Tensor], object]
 
 
 @dataclass(frozen=True)
@@ -68,17 +68,25 @@ class Rule:
     """A registered rule: the backpropagation function and a setup-time configuration check.
 
     ``check(module)`` returns None when the configuration is supported, else a sentence that
-    says what is not supported.
+    says what is not supported. ``capture(module, input, output)``, if given, runs in the
+    forward pass (only when an estimate was requested) and its result reaches the rule as
+    ``ctx.saved``: for what the forward pass knows and the backward pass cannot recover.
     """
 
     backprop: RuleFn
     check: CheckFn | None = None
+    capture: CaptureFn | None = None
 
 
 _RULES: dict[type[nn.Module], Rule] = {}
 
 
-def register_rule(module_type: type[nn.Module], backprop: RuleFn, check: CheckFn | None = None):
+def register_rule(
+    module_type: type[nn.Module],
+    backprop: RuleFn,
+    check: CheckFn | None = None,
+    capture: CaptureFn | None = None,
+):
     """Register the HesScale rule of a layer type (the one documented way to add a layer).
 
     Args:
@@ -89,10 +97,12 @@ def register_rule(module_type: type[nn.Module], backprop: RuleFn, check: CheckFn
             name of the module, the estimate of ``∂²L/∂θ²`` summed over the batch.
         check: optional ``check(module) -> str | None`` run by ``extend``: a returned sentence
             makes ``extend`` raise :class:`UnsupportedModuleError` with it.
+        capture: optional ``capture(module, input, output) -> object`` run in the forward pass;
+            its result is ``ctx.saved``.
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
-    _RULES[module_type] = Rule(backprop, check)
+    _RULES[module_type] = Rule(backprop, check, capture)
 
 
 def supported_types() -> list[str]:

@@ -23,20 +23,27 @@ def reshape_rule(ctx: LayerContext) -> Backprop:
     return Backprop(ctx.curvature_output.reshape(ctx.input.shape))
 
 
-def dropout_rule(ctx: LayerContext) -> Backprop:
-    """``ŝ_x = (m / (1 − p))² ⊙ ŝ_y``; identity in eval mode.
+def dropout_scale(module: nn.Module, x, y):
+    """Forward capture: the squared Jacobian diagonal ``(m / (1 − p))²``, or None (identity).
 
-    The scaled mask is the Jacobian's diagonal; it is read from the autograd node that the
-    dropout call created (calling it on ones returns ``m / (1 − p)`` broadcast to the input).
+    The scaled mask is read from the autograd node that the dropout call created (calling it on
+    ones returns ``m / (1 − p)`` broadcast to the input).
     """
+    node = y.grad_fn
+    if not module.training or module.p == 0 or node is None:
+        return None
+    scale = node(y.new_ones(y.shape))
+    scale = scale[0] if isinstance(scale, tuple) else scale
+    return squared(scale.detach())
+
+
+def dropout_rule(ctx: LayerContext) -> Backprop:
+    """``ŝ_x = (m / (1 − p))² ⊙ ŝ_y``; identity in eval mode."""
     if not ctx.need_input_curvature:
         return Backprop(None)
-    node = ctx.output_node
-    if not ctx.module.training or ctx.module.p == 0 or node is None:
+    if ctx.saved is None:
         return Backprop(ctx.curvature_output)
-    scale = node(ctx.output.new_ones(ctx.output.shape))
-    scale = scale[0] if isinstance(scale, tuple) else scale
-    return Backprop(squared(scale.to(ctx.curvature_output.dtype)) * ctx.curvature_output)
+    return Backprop(ctx.saved.to(ctx.curvature_output.dtype) * ctx.curvature_output)
 
 
 def zero_pad_rule(ctx: LayerContext) -> Backprop:
@@ -49,6 +56,6 @@ def zero_pad_rule(ctx: LayerContext) -> Backprop:
 for _t in (nn.Flatten, nn.Unflatten, nn.Identity):
     register_rule(_t, reshape_rule)
 for _t in DROPOUTS:
-    register_rule(_t, dropout_rule, no_inplace)
+    register_rule(_t, dropout_rule, no_inplace, capture=dropout_scale)
 for _t in ZERO_PADS:
     register_rule(_t, zero_pad_rule)
