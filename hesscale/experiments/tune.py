@@ -160,8 +160,9 @@ def report(summary: dict) -> str:
         accs = [c["test_acc"][-1] for c in entry["seeds"]]
         losses = [c["test_loss"][-1] for c in entry["seeds"]]
         best = entry["best"]
+        b1, b2 = ("-", "-") if name == "sgd" else (f"{best['betas'][0]:g}", f"{best['betas'][1]:g}")
         lines.append(
-            f"{name:<15}{best['lr']:>10.2e}{best['betas'][0]:>5g}{best['betas'][1]:>8g}"
+            f"{name:<15}{best['lr']:>10.2e}{b1:>5}{b2:>8}"
             f"{_mean_se(accs):>18}{_mean_se(losses):>20}{entry['seconds_per_epoch']:>9.1f}"
         )
     return "\n".join(lines)
