@@ -159,6 +159,9 @@ class CurvatureAdam(Optimizer):
             unscaled.append(estimate if scale is None else estimate / scale)
         return grads, unscaled
 
+    def _prepare_estimates(self) -> None:
+        """Hook for estimators computed in ``step`` rather than in the backward pass."""
+
     def _averages_across_ranks(self) -> bool:
         if self.distributed is not None:
             return self.distributed
@@ -174,6 +177,7 @@ class CurvatureAdam(Optimizer):
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step
         if found_inf is not None and found_inf.item() != 0:
             return loss  # overflow: skip the step, gradients and curvature alike
+        self._prepare_estimates()
         grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

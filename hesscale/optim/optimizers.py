@@ -78,17 +78,11 @@ class AdaHessian(CurvatureAdam):
         self.power = hessian_power / 2
         self.generator = generator
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _prepare_estimates(self) -> None:
+        """One Hessian-vector product for all parameter groups, if any group updates its v."""
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self._products = self._hutchinson(params) if params else {}
-        super().step()
-        self._products = {}
-        return loss
+        wanted = any(self._wants_estimate(g) for g in self.param_groups)
+        self._products = self._hutchinson(params) if params and wanted else {}
 
     def _hutchinson(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
         """One Rademacher probe for all parameters at once: ``z ⊙ Hz``, spatially averaged."""
