@@ -209,10 +209,11 @@ def grad_sq(
     _batch_only("grad_sq", individual)
     out = model(inputs)
     loss = loss_fn(out, target, **loss_kwargs)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [model.get_parameter(n) for n in names], retain_graph=True)
-    loss.backward()
-    return loss.detach(), {n: g * g for n, g in zip(names, grads)}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    for (_, p), g in zip(named, grads):  # accumulate into .grad as loss.backward() would
+        p.grad = g.clone() if p.grad is None else p.grad + g
+    return loss.detach(), {n: g * g for (n, _), g in zip(named, grads)}
 
 
 BASELINES = {

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import functional_call, grad, vmap
 
 import hesscale
 from hesscale.baselines import hutchinson_from_probes, kfac_mc, rademacher_like
-from hesscale.reference import ggn_diagonal
+from hesscale.reference import exact_hessian_diagonal, ggn_diagonal
 
 from .io import atomic_write_json, environment_record, progress
 from .networks import fig1_network
@@ -71,28 +71,23 @@ def _chunked(fn: Callable, *args: Tensor) -> dict[str, Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def per_example_exact(model, loss_fn, x, y) -> dict[str, Tensor]:
-    """``diag(∇²_θ ℓ_n)`` for every example ``n``: dense blocks per parameter, vmapped."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    loss = _single_example_loss(model, loss_fn)
+def _per_example(diagonal_fn, model, loss_fn, x, y) -> dict[str, Tensor]:
+    """A reference diagonal of :mod:`hesscale.reference` for every example, vmapped."""
 
     def one(xi, yi):
-        result = {}
-        for name, value in params.items():
-            block = hessian(lambda v, name=name: loss({**params, name: v}, xi, yi))(value)
-            result[name] = block.reshape(value.numel(), -1).diagonal().reshape(value.shape)
-        return result
+        return diagonal_fn(model, loss_fn, xi.unsqueeze(0), yi.unsqueeze(0))
 
     return _chunked(vmap(one), x, y)
+
+
+def per_example_exact(model, loss_fn, x, y) -> dict[str, Tensor]:
+    """``diag(∇²_θ ℓ_n)`` for every example ``n``."""
+    return _per_example(exact_hessian_diagonal, model, loss_fn, x, y)
 
 
 def per_example_ggn(model, loss_fn, x, y) -> dict[str, Tensor]:
     """The exact GGN diagonal of every example."""
-
-    def one(xi, yi):
-        return ggn_diagonal(model, loss_fn, xi.unsqueeze(0), yi.unsqueeze(0))
-
-    return _chunked(vmap(one), x, y)
+    return _per_example(ggn_diagonal, model, loss_fn, x, y)
 
 
 def per_example_hutchinson(model, loss_fn, x, y, samples, generator) -> dict[str, Tensor]:
