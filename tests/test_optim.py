@@ -216,3 +216,63 @@ def test_plain_adam_on_an_extended_model_computes_no_estimate():
     opt = torch.optim.Adam(model.parameters())
     _train(model, loss_fn, x, y, opt, 2)
     assert all(not hasattr(p, "hess_diag") for p in model.parameters())
+
+
+def _by_hand(theta, grads, estimates, lr, b1, b2, eps, squared, power):
+    """Algorithm 2's update written out step by step, in float64."""
+    m = v = torch.zeros_like(theta)
+    for t, (g, s) in enumerate(zip(grads, estimates), start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * (s * s if squared else s)
+        theta = theta - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)) ** power + eps)
+    return theta
+
+
+class Given(CurvatureAdam):
+    """Curvature from a list fixed in advance."""
+
+    def __init__(self, params, estimates, **kwargs):
+        super().__init__(params, **kwargs)
+        self.given = list(estimates)
+
+    def _estimates(self, group, params):
+        return [self.given.pop(0)]
+
+
+@pytest.mark.parametrize("squared, power", [(False, 1.0), (False, 0.5), (True, 0.5), (True, 0.35)])
+def test_update_matches_algorithm_2_written_out(squared, power):
+    """Newton-style (AdaGGNMC), its square-root option, Adam-style and AdaHessian's power."""
+    gen = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(5, dtype=torch.float64, generator=gen)
+    grads = [torch.randn(5, dtype=torch.float64, generator=gen) for _ in range(4)]
+    estimates = [torch.rand(5, dtype=torch.float64, generator=gen) + 0.1 for _ in range(4)]
+    p = nn.Parameter(theta0.clone())
+    opt = Given([p], estimates, lr=0.1, betas=(0.8, 0.9), eps=1e-3)
+    opt.squared, opt.power = squared, power
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    expected = _by_hand(theta0, grads, estimates, 0.1, 0.8, 0.9, 1e-3, squared, power)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_adahessian_averages_kernels_spatially_and_is_hutchinson():
+    """z ⊙ Hz of the exact Hessian (one probe), |·| averaged over a conv kernel's positions."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 2).double()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+
+    def loss_of(w):
+        return torch.tanh(torch.nn.functional.conv2d(x, w, conv.bias)).pow(2).sum()
+
+    opt = AdaHessian([conv.weight], generator=torch.Generator().manual_seed(3))
+    loss_of(conv.weight).backward(create_graph=True)
+    opt._prepare_estimates()
+    estimate = opt._products[conv.weight]
+    z = torch.randint(0, 2, conv.weight.shape, generator=torch.Generator().manual_seed(3))
+    z = z.to(torch.float64) * 2 - 1
+    w = conv.weight.detach()
+    h = torch.func.hessian(loss_of)(w).reshape(w.numel(), w.numel())
+    d = (z.reshape(-1) * (h @ z.reshape(-1))).reshape(w.shape)
+    expected = d.abs().mean(dim=(2, 3), keepdim=True).expand_as(d)
+    torch.testing.assert_close(estimate, expected)
