@@ -2,7 +2,9 @@
 
 Spawns N CPU processes (gloo); each times interleaved training steps (forward, backward,
 update) of the same network under DistributedDataParallel with Adam, AdaHesScale and
-AdaHesScaleGN, and the all-reduce of the curvature estimates alone. Rank 0 prints the ratios.
+AdaHesScaleGN (estimates averaged in buckets during the backward pass), AdaHesScale with the
+overlap switched off (all estimates averaged in step(), after the backward pass), and one
+all-reduce of all estimates alone. Rank 0 prints the ratios.
 
     python benchmarks/ddp_cost.py [--processes 2] [--layers 4] [--batch-size 128] [--rounds 20]
 """
@@ -23,7 +25,6 @@ import hesscale
 from hesscale.experiments.networks import fig2b_network
 from hesscale.experiments.timing import interleaved_times
 from hesscale.optim import AdaHesScale, AdaHesScaleGN
-from hesscale.optim._base import _all_reduce_mean
 
 
 def worker(rank, args, port):
@@ -40,10 +41,15 @@ def worker(rank, args, port):
         ("Adam", torch.optim.Adam),
         ("AdaHesScale", AdaHesScale),
         ("AdaHesScaleGN", AdaHesScaleGN),
+        ("AdaHesScale, no overlap", AdaHesScale),
     ):
         model = copy.deepcopy(base)
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = cls(ddp.parameters(), lr=1e-5)
+        if name.endswith("no overlap"):  # the buckets are filled and sent in step()
+            for reducer in opt._reducers.values():
+                for handle in reducer._handles:
+                    handle.remove()
 
         def step(ddp=ddp, opt=opt):
             opt.zero_grad()
@@ -51,8 +57,8 @@ def worker(rank, args, port):
             opt.step()
 
         fns[name] = step
-    estimates = [torch.randn_like(p) for p in base.parameters()]
-    fns["estimate all-reduce"] = lambda: _all_reduce_mean(estimates)
+    flat = torch.randn(sum(p.numel() for p in base.parameters()))
+    fns["all-reduce of estimates alone"] = lambda: dist.all_reduce(flat)
     # every rank must run the same order: interleaved_times shuffles with a shared seed
     times = interleaved_times(fns, rounds=args.rounds, warmup=3, seed=0)
     if rank == 0:
@@ -63,7 +69,7 @@ def worker(rank, args, port):
             f"({params} parameters), global batch {args.batch_size}"
         )
         for name, t in times.items():
-            print(f"  {name:<20} {t['median'] * 1e3:8.2f} ms   {t['median'] / adam:5.2f}x Adam")
+            print(f"  {name:<30} {t['median'] * 1e3:8.2f} ms   {t['median'] / adam:5.2f}x Adam")
     dist.destroy_process_group()
 
 

@@ -5,10 +5,18 @@ Public API:
     diagonal(model, loss_fn, x, y, method=...)   one batch's estimate, as {name: tensor}
     request(params, method)   ask following backward passes for estimates (used by optimizers)
     register_rule(type, rule) add a rule for a layer of your own
+    register_estimate_hook(param, hook)   run hook(param) when a backward pass writes its estimate
     UnsupportedModuleError, NonChainForwardError
 """
 
-from ._engine import ESTIMATE_ATTRIBUTE, estimate_id, extend, is_extended, request
+from ._engine import (
+    ESTIMATE_ATTRIBUTE,
+    estimate_id,
+    extend,
+    is_extended,
+    register_estimate_hook,
+    request,
+)
 from ._errors import NonChainForwardError, UnsupportedModuleError
 from ._methods import METHODS
 from .estimators import ESTIMATORS, diagonal
@@ -28,6 +36,7 @@ __all__ = [
     "estimate_id",
     "extend",
     "is_extended",
+    "register_estimate_hook",
     "register_rule",
     "request",
     "supported_types",

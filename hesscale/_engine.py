@@ -27,6 +27,7 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ._errors import NonChainForwardError, UnsupportedModuleError
 from ._ggn_mc import sampled_ggn_diagonals
@@ -42,6 +43,7 @@ _REQUEST = "_hesscale_request"
 _TAPE_TAG = "_hesscale_tape"
 _ESTIMATE_ID = "_hess_diag_id"
 _LOSS_FACTOR = "_hess_diag_loss_factor"
+_ESTIMATE_HOOKS = "_hess_diag_hooks"
 ESTIMATE_ATTRIBUTE = "hess_diag"
 
 _tape_ids = itertools.count(1)
@@ -98,6 +100,7 @@ class _Options:
     samples: int = 1
     generator: torch.Generator | None = None
     reuse_buffers: bool = True  # estimates overwrite last step's in place (optimizer requests)
+    announce: bool = True  # run the parameters' estimate hooks (optimizer requests)
 
 
 @dataclass(frozen=True)
@@ -372,6 +375,10 @@ def _store(tape: _Tape, record: _Record, estimates: dict[str, Tensor]) -> None:
         setattr(param, ESTIMATE_ATTRIBUTE, estimate.detach())
         setattr(param, _ESTIMATE_ID, tape.id)
         setattr(param, _LOSS_FACTOR, tape.loss_factor)
+        hooks = getattr(param, _ESTIMATE_HOOKS, None) if tape.options.announce else None
+        if hooks:
+            for hook in tuple(hooks.values()):
+                hook(param)
 
 
 def _on_loss(module, args, kwargs, output):
@@ -452,6 +459,34 @@ def request(params, method: str | None) -> None:
         setattr(p, _REQUEST, method)
 
 
+class _EstimateHooks(dict):
+    """A parameter's estimate hooks; copies and pickles of the parameter do not inherit them."""
+
+    def __deepcopy__(self, memo):
+        return _EstimateHooks()
+
+    def __reduce__(self):
+        return (_EstimateHooks, ())
+
+
+def register_estimate_hook(param: Tensor, hook) -> RemovableHandle:
+    """Call ``hook(param)`` in every backward pass right after ``param.hess_diag`` is written.
+
+    Like ``Tensor.register_post_accumulate_grad_hook`` for gradients: the hook sees the fresh
+    estimate while the backward pass goes on through the earlier layers (the data-parallel
+    optimizers start the estimate's all-reduce there). Hooks run for requested estimates
+    (:func:`request`), not for :func:`hesscale.diagonal`. Returns a handle whose ``remove()``
+    unregisters the hook.
+    """
+    hooks = getattr(param, _ESTIMATE_HOOKS, None)
+    if hooks is None:
+        hooks = _EstimateHooks()
+        setattr(param, _ESTIMATE_HOOKS, hooks)
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    return handle
+
+
 def loss_factor(param: Tensor) -> Tensor | None:
     """The factor ``c`` of the backpropagated ``c · L`` behind ``param.hess_diag``."""
     return getattr(param, _LOSS_FACTOR, None)
@@ -494,7 +529,11 @@ def backpropagated_diagonal(
             "instead of LogSoftmax followed by NLLLoss"
         )
     options = _Options(
-        individual=individual, samples=samples, generator=generator, reuse_buffers=False
+        individual=individual,
+        samples=samples,
+        generator=generator,
+        reuse_buffers=False,
+        announce=False,
     )
     with _forced(model, config, options):
         output = model(inputs)

@@ -122,6 +122,96 @@ def test_data_parallel_ranks_agree_with_a_single_process_on_the_full_batch(tmp_p
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def _scenario_optimizer(scenario, params):
+    if scenario == "overlap":  # several buckets; estimates every other step only
+        return AdaHesScaleGN(params, lr=0.05, update_every=2, bucket_cap_mb=1e-4)
+    return AdaHesScale(params, lr=0.05)  # "accumulate": two backward passes per step
+
+
+def _scenario_run(model, loss_fn, opt, x, y, steps, scenario, observe=lambda stage: None):
+    for _ in range(steps):
+        opt.zero_grad()
+        for _ in range(2 if scenario == "accumulate" else 1):
+            loss_fn(model(x), y).backward()
+        observe("backward")
+        opt.step()
+        observe("step")
+
+
+def _reducer_worker(rank, world, port, scenario, steps, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, x, y = _problem(dtype=torch.float64)
+    model = hesscale.extend(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = _scenario_optimizer(scenario, ddp.parameters())
+    reducer = opt._reducers[0]
+    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    log = []
+
+    def observe(stage):  # after backward: which buckets are already on their way
+        log.append(
+            {
+                "stage": stage,
+                "in_flight": sum(b.work is not None for b in reducer.buckets),
+                "launches": reducer.launches,
+                "launches_in_backward": reducer.launches_in_backward,
+                "buckets": len(reducer.buckets),
+            }
+        )
+
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    _scenario_run(ddp, loss_fn, opt, x[shard], y[shard], steps, scenario, observe)
+    torch.save(
+        {"params": [p.detach() for p in model.parameters()], "log": log}, f"{result_path}.{rank}"
+    )
+    dist.barrier()
+    _exit_worker()
+
+
+@pytest.mark.parametrize("scenario", ["overlap", "accumulate"])
+def test_estimates_are_averaged_during_the_backward_pass(tmp_path, scenario):
+    """The estimates' all-reduces start in the backward pass, bucket by bucket, and nothing is
+    sent on steps without an estimate; a second backward pass before the step re-sends."""
+    steps = 4
+    result = tmp_path / "params.pt"
+    mp.spawn(
+        _reducer_worker,
+        args=(2, _free_port(), scenario, steps, result),
+        nprocs=2,
+        join=True,
+    )
+    ranks = [torch.load(f"{result}.{rank}") for rank in range(2)]
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
+    model, x, y = _problem(dtype=torch.float64)
+    model = hesscale.extend(model)
+    opt = _scenario_optimizer(scenario, model.parameters())
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    _scenario_run(model, loss_fn, opt, x, y, steps, scenario)
+    for a, b in zip(ranks[0]["params"], model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    log = ranks[0]["log"]
+    per_step, after_step = log[0::2], log[1::2]
+    buckets = log[0]["buckets"]
+    sent_in_step = [a["launches"] - b["launches"] for a, b in zip(after_step, per_step)]
+    if scenario == "overlap":
+        assert buckets > 2
+        # estimate steps: every bucket left during the backward pass, none in step()
+        assert [s["in_flight"] for s in per_step] == [buckets, 0, buckets, 0]
+        assert [s["launches_in_backward"] for s in per_step] == [
+            buckets, buckets, 2 * buckets, 2 * buckets
+        ]
+        assert sent_in_step == [0, 0, 0, 0]
+    else:
+        # the first backward pass's buckets are re-sent by the second: 2 per step, all overlapped
+        assert buckets == 1
+        assert [s["launches_in_backward"] for s in per_step] == [2, 4, 6, 8]
+        assert sent_in_step == [0, 0, 0, 0]
+
+
 def _train_worker(rank, world, port, out, splits):
     from hesscale.experiments.train import RunConfig, train
 
@@ -163,3 +253,41 @@ def test_train_runs_data_parallel_like_one_process(tmp_path):
             rtol=1e-3,
             atol=1e-4,
         )
+
+
+def test_estimate_hooks_see_each_fresh_estimate_once():
+    """register_estimate_hook: called right after p.hess_diag is written by a requested
+    estimate (not by hesscale.diagonal), removable, and not inherited by copies."""
+    model, x, y = _problem()
+    model = hesscale.extend(model)
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())
+    params = list(model.parameters())
+    seen = []
+
+    def hook(p):
+        seen.append((id(p), p.hess_diag.clone(), hesscale.estimate_id(p)))
+
+    handles = [hesscale.register_estimate_hook(p, hook) for p in params]
+    hesscale.request(params, "hesscale")
+    loss_fn(model(x), y).backward()
+    assert sorted(i for i, _, _ in seen) == sorted(id(p) for p in params)
+    by_id = {i: (e, ident) for i, e, ident in seen}
+    for p in params:  # the hook saw the final estimate of this pass
+        assert torch.equal(by_id[id(p)][0], p.hess_diag)
+        assert by_id[id(p)][1] == hesscale.estimate_id(p)
+    # backward order: the last layer's estimates first
+    assert {i for i, _, _ in seen[:2]} == {id(params[-1]), id(params[-2])}
+
+    seen.clear()
+    hesscale.diagonal(model, loss_fn, x, y, method="hesscale")
+    assert seen == []
+    copy.deepcopy(model)(x).sum()  # copies carry no hooks (and copying works)
+    copied = copy.deepcopy(model)
+    hesscale.request(list(copied.parameters()), "hesscale")
+    loss_fn(copied(x), y).backward()
+    assert seen == []
+
+    for handle in handles:
+        handle.remove()
+    loss_fn(model(x), y).backward()
+    assert seen == []

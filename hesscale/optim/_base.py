@@ -8,24 +8,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, loss_factor, request
+from ._distributed import EstimateReducer
 from ._functional import curvature_adam
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def _all_reduce_mean(tensors: list[Tensor]) -> list[Tensor]:
-    """The mean over ranks of each tensor, in one bucketed all-reduce (one flat buffer)."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
 
 
 class CurvatureAdam(Optimizer):
@@ -47,9 +36,13 @@ class CurvatureAdam(Optimizer):
         update_every: refresh the curvature every k-th step only; in between, the backward pass
             computes gradients alone and ``v`` is kept (as Sophia does).
         maximize: maximize the objective.
-        distributed: average the estimates across the ranks of ``torch.distributed`` (one
-            all-reduce per parameter group, after the backward pass), as DistributedDataParallel
-            averages gradients. None (default): when a process group of several ranks exists.
+        distributed: average the estimates across the ranks of ``torch.distributed``, as
+            DistributedDataParallel averages gradients: in buckets whose all-reduce starts
+            during the backward pass, as soon as their estimates exist (see
+            :mod:`hesscale.optim._distributed`). None (default): when a process group of several
+            ranks exists. Nothing is communicated on steps without an estimate.
+        bucket_cap_mb: the largest bucket of estimates sent in one all-reduce.
+        process_group: the ranks to average over (default: the default group).
 
     With ``torch.amp.GradScaler`` (``scaler.step(opt)``), the loss scale is removed from the
     gradients and from the estimates, and a step skipped for overflow leaves the curvature
@@ -74,6 +67,8 @@ class CurvatureAdam(Optimizer):
         update_every: int = 1,
         maximize: bool = False,
         distributed: bool | None = None,
+        bucket_cap_mb: float = 25.0,
+        process_group=None,
     ):
         if isinstance(lr, Tensor):
             lr = float(lr)
@@ -87,6 +82,7 @@ class CurvatureAdam(Optimizer):
             isinstance(update_every, int) and update_every >= 1,
             f"Invalid update_every value: {update_every} (a positive integer)",
         )
+        _check(bucket_cap_mb > 0, f"Invalid bucket_cap_mb value: {bucket_cap_mb}")
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -99,9 +95,15 @@ class CurvatureAdam(Optimizer):
         )
         super().__init__(params, defaults)
         self.distributed = distributed
+        self.bucket_cap_mb = bucket_cap_mb
+        self.process_group = process_group
         self._consumed: dict[int, int] = {}
+        self._reducers: dict[int, EstimateReducer] = {}
         for group in self.param_groups:
             self._request(group, self._wants_estimate(group))
+        if self._averages_across_ranks():  # hooks in place before the first backward pass
+            for index in range(len(self.param_groups)):
+                self._reducer(index)
 
     # --- what the next backward pass must compute ----------------------------------------
     def _wants_estimate(self, group) -> bool:
@@ -162,6 +164,14 @@ class CurvatureAdam(Optimizer):
     def _prepare_estimates(self) -> None:
         """Hook for estimators computed in ``step`` rather than in the backward pass."""
 
+    def _reducer(self, index: int) -> EstimateReducer:
+        """The (lazily made) reducer of parameter group ``index``."""
+        if index not in self._reducers:
+            self._reducers[index] = EstimateReducer(
+                self.param_groups[index]["params"], self.bucket_cap_mb, self.process_group
+            )
+        return self._reducers[index]
+
     def _averages_across_ranks(self) -> bool:
         if self.distributed is not None:
             return self.distributed
@@ -179,7 +189,7 @@ class CurvatureAdam(Optimizer):
             return loss  # overflow: skip the step, gradients and curvature alike
         self._prepare_estimates()
         grad_scale = getattr(self, "grad_scale", None)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -195,10 +205,10 @@ class CurvatureAdam(Optimizer):
             update_curvature = self._wants_estimate(group)
             estimates = self._estimates(group, params) if update_curvature else [None] * len(params)
             grads = [p.grad.detach() for p in params]
+            if update_curvature and self._averages_across_ranks():
+                estimates = self._reducer(index).reduce(params, estimates)
             if found_inf is not None:  # under a GradScaler: remove the loss scale
                 grads, estimates = self._unscale(params, grads, estimates, grad_scale)
-            if update_curvature and self._averages_across_ranks():
-                estimates = _all_reduce_mean(estimates)
             for p in params:
                 self.state[p]["step"] += 1
                 if update_curvature:
