@@ -68,7 +68,10 @@ def test_train_writes_curves_and_is_reused(tmp_path, optimizer):
     assert again == json.loads(json.dumps(record))  # reused from disk, data not even loaded
 
 
-def test_kill_and_resume_gives_the_same_curves(tmp_path, monkeypatch):
+@pytest.mark.parametrize("legacy", [False, True], ids=["checkpoint", "checkpoint-cpu-rng-only"])
+def test_kill_and_resume_gives_the_same_curves(tmp_path, monkeypatch, legacy):
+    """GGN-MC samples: the random state travels with the checkpoint (also in the older format
+    that kept the CPU generator's state as a bare tensor)."""
     config = _config(optimizer="adaggnmc")
     straight = train(config, tmp_path / "straight", _splits(), show_progress=False)
 
@@ -76,6 +79,8 @@ def test_kill_and_resume_gives_the_same_curves(tmp_path, monkeypatch):
     original = train_module._atomic_torch_save
 
     def dying_save(obj, path):
+        if legacy:
+            obj = {**obj, "rng": [r["cpu"] for r in obj["rng"]]}
         original(obj, path)
         saves["n"] += 1
         if saves["n"] == 2:

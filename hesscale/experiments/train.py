@@ -112,6 +112,7 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    device: str = "cpu"  # where collectives' tensors live (nccl needs them on the GPU)
 
     @property
     def lead(self) -> bool:
@@ -121,7 +122,7 @@ class Ranks:
         """Whether ``flag`` holds on any rank (so that all ranks stop together)."""
         if self.world == 1:
             return flag
-        t = torch.tensor([float(flag)])
+        t = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -148,7 +149,23 @@ def ranks_from_environment(device: str) -> tuple[Ranks, str]:
         device = f"cuda:{local}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size()), device
+    return Ranks(dist.get_rank(), dist.get_world_size(), device), device
+
+
+def _rng_state(device: str) -> dict:
+    """The random state a resumed run needs: CPU's, and the GPU's (sampling estimators)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device: str) -> None:
+    if isinstance(state, torch.Tensor):  # checkpoints written before the GPU state was kept
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _empty_curves() -> dict:
@@ -190,7 +207,7 @@ def train(
         state = torch.load(ckpt_path, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"][ranks.rank])
+        _set_rng_state(state["rng"][ranks.rank], device)
         curves, start_epoch, elapsed = state["curves"], state["epoch"], state["elapsed"]
 
     def record_evaluation(epoch: int) -> None:
@@ -239,7 +256,7 @@ def train(
         if status == "diverged":
             break
         record_evaluation(epoch + 1)
-        rng = ranks.gather(torch.get_rng_state())
+        rng = ranks.gather(_rng_state(device))
         if ranks.lead:
             _atomic_torch_save(
                 {
