@@ -202,7 +202,10 @@ def test_estimates_are_averaged_during_the_backward_pass(tmp_path, scenario):
         # estimate steps: every bucket left during the backward pass, none in step()
         assert [s["in_flight"] for s in per_step] == [buckets, 0, buckets, 0]
         assert [s["launches_in_backward"] for s in per_step] == [
-            buckets, buckets, 2 * buckets, 2 * buckets
+            buckets,
+            buckets,
+            2 * buckets,
+            2 * buckets,
         ]
         assert sent_in_step == [0, 0, 0, 0]
     else:

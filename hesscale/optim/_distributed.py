@@ -63,9 +63,7 @@ def _buckets(params: list[Tensor], cap_bytes: int) -> list[_Bucket]:
 
     for p in reversed(params):
         nbytes = p.numel() * p.element_size()
-        compatible = not current or (
-            current[0].dtype == p.dtype and current[0].device == p.device
-        )
+        compatible = not current or (current[0].dtype == p.dtype and current[0].device == p.device)
         if current and (not compatible or size + nbytes > cap_bytes):
             close()
             current, size = [], 0
@@ -134,9 +132,7 @@ class EstimateReducer:
             bucket.sent.clear()
 
     def _launch(self, bucket: _Bucket, in_backward: bool) -> None:
-        bucket.sent = {
-            id(p): estimate_id(p) if in_backward else None for p in bucket.params
-        }
+        bucket.sent = {id(p): estimate_id(p) if in_backward else None for p in bucket.params}
         bucket.arrived.clear()
         bucket.work = dist.all_reduce(bucket.flat, group=self.process_group, async_op=True)
         bucket.launched = True

@@ -33,14 +33,38 @@ def _pool_transpose(module: nn.Module, x: Tensor, v: Tensor) -> Tensor:
     return out
 
 
+def max_pool_indices(module: nn.Module, x: Tensor, output: Tensor) -> Tensor | None:
+    """Forward capture: the arg-max indices autograd saved for the pooling's own backward.
+
+    They are the flat spatial positions per ``(n, c)``; reading them saves the rule a second
+    pooling pass. None when autograd saved none (an input without gradient): the rule then
+    recomputes them.
+    """
+    node = output.grad_fn
+    if node is not None and not hasattr(node, "_saved_result1") and node.next_functions:
+        node = node.next_functions[0][0]  # 1d pooling runs as 2d, then squeezes
+    indices = getattr(node, "_saved_result1", None) if node is not None else None
+    if indices is None or indices.numel() != output.numel() or indices.dtype != torch.int64:
+        return None
+    return indices.view(output.shape)
+
+
 def max_pool_rule(ctx: LayerContext) -> Backprop:
     """``ŝ_x[i] = Σ_{o : argmax(o) = i} ŝ_y[o]``; shapes ``(N, C, *S)``."""
     if not ctx.need_input_curvature:
         return Backprop(None)
     m = ctx.module
-    _, idx = MAX_POOLS[type(m)](
-        ctx.input, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True
-    )
+    idx = ctx.saved
+    if idx is None:
+        _, idx = MAX_POOLS[type(m)](
+            ctx.input,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            m.ceil_mode,
+            return_indices=True,
+        )
     x = ctx.input
     s_in = torch.zeros(x.shape[:2] + (x[0, 0].numel(),), dtype=x.dtype, device=x.device)
     s_in.scatter_add_(2, idx.flatten(2), ctx.curvature_output.flatten(2))
@@ -108,7 +132,7 @@ def _check_max_pool(module: nn.Module) -> str | None:
 
 
 for _t in MAX_POOLS:
-    register_rule(_t, max_pool_rule, _check_max_pool)
+    register_rule(_t, max_pool_rule, _check_max_pool, capture=max_pool_indices)
 for _t in AVG_POOLS:
     register_rule(_t, avg_pool_rule)
 for _t in ADAPTIVE_AVG_POOLS:
