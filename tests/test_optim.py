@@ -49,6 +49,8 @@ def _train(model, loss_fn, x, y, opt, steps, create_graph=False):
         (dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
         (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
         (dict(update_every=0), "Invalid update_every value: 0"),
+        (dict(bucket_cap_mb=0), "Invalid bucket_cap_mb value: 0"),
+        (dict(distributed=True), "but none is initialized: call torch.distributed"),
     ],
 )
 def test_invalid_hyperparameters(opt_class, kwargs, message):

@@ -152,3 +152,43 @@ def test_tune_round_trip_resumes_after_a_kill(tmp_path, monkeypatch):
     for name in ("curves_epochs.png", "curves_time.png", "sensitivity.png", "summary.json"):
         assert (tmp_path / "fmnist_mlp" / name).exists()
     assert "adahesscalegn" in tune_module.report(summary)
+
+
+def test_range_grows_on_the_edge_the_best_lies_on():
+    def runs(*pairs):
+        return [{"lr": 10.0**e, "auc": auc} for e, auc in pairs]
+
+    exponents = [-5.0, -4.0, -3.0]
+    next_exponent = tune_module.next_exponent
+    assert next_exponent(runs((-5, 0.2), (-4, 0.3), (-3, 0.4)), exponents, 1.0) == -6.0
+    assert next_exponent(runs((-5, 0.4), (-4, 0.3), (-3, 0.2)), exponents, 1.0) == -2.0
+    assert next_exponent(runs((-5, 0.4), (-4, 0.2), (-3, 0.3)), exponents, 1.0) is None
+    # every run diverged: smaller steps; the largest finite at the top edge: larger ones
+    assert next_exponent(runs((-5, math.inf), (-4, math.inf)), exponents, 1.0) == -6.0
+    assert next_exponent(runs((-5, 0.9), (-4, 0.5), (-3, math.inf)), exponents, 1.0) is None
+
+
+def test_tune_extends_the_step_sizes_until_the_best_is_inside(tmp_path, monkeypatch):
+    """A method that wants steps 100x smaller than its range: two extensions find the optimum
+    at 1e-7, a third one step beyond it confirms it, then the search stops."""
+    monkeypatch.setattr(tune_module, "load", lambda *a, **k: None)
+    monkeypatch.setattr(tune_module, "deepobs_splits", lambda *a, **k: None)
+    budget = tune_module.Budget(epochs=1, lr_points=4, seeds=2, betas=((0.9, 0.999),), extend=5)
+    monkeypatch.setitem(tune_module.BUDGETS, "extending", budget)
+    tried = []
+
+    def fake_train(config, out, splits, device="cpu"):
+        tried.append(round(math.log10(config.lr), 6))
+        loss = 0.3 + (math.log10(config.lr) + 7.0) ** 2  # best step size: 1e-7
+        curves = {"epoch": [0, 1], "time": [0.0, 1.0]}
+        for split in ("train_eval", "valid", "test"):
+            curves[f"{split}_loss"], curves[f"{split}_acc"] = [2.3, loss], [0.1, 0.8]
+        return {"status": "finished", "curves": curves, "seconds_per_epoch": 1.0}
+
+    monkeypatch.setattr(tune_module, "train", fake_train)
+    summary = tune_module.tune(
+        problem="fmnist_mlp", optimizers=["adam"], budget="extending", out=tmp_path
+    )
+    # the range (-5 … -2), then -6, -7, -8; -7 is inside: stop. Then the reruns at 1e-7.
+    assert tried == [-5.0, -4.0, -3.0, -2.0, -6.0, -7.0, -8.0, -7.0, -7.0]
+    assert summary["optimizers"]["adam"]["best"]["lr"] == pytest.approx(1e-7)

@@ -3,7 +3,11 @@
 For every optimizer: the grid β₁ ∈ {0, 0.9} × β₂ ∈ {0.99, 0.999, 0.9999} × a log-spaced range of
 step sizes (SGD: step sizes only), each run with seed 0; the best configuration minimises the
 area under the validation-loss curve (the mean over the evaluations; a diverged run has an
-infinite area); it is rerun with further seeds. Every run is a file of its own (see
+infinite area); it is rerun with further seeds. The paper chose each method's range "to create a
+convex curve"; here that choice is a rule: while the best step size lies on the edge of the
+range searched (or every run diverged), the range grows by one step on that side, up to the
+budget's ``extend`` steps, so a problem on which a method wants smaller steps than usual (the
+Newton-like AdaHesScale on ReLU networks) still gets an interior optimum. Every run is a file of its own (see
 :mod:`.train`), so a killed tune loses nothing finished and continues where it stopped.
 
 Plots: learning curves against epochs and against wall-clock time (mean with a standard-error
@@ -45,21 +49,40 @@ class Budget:
     seeds: int
     betas: tuple[tuple[float, float], ...] | None = None  # None: the full grid
     max_batches: int | None = None
+    extend: int = 0  # step sizes added beyond the range while the best lies on its edge
 
 
 BUDGETS = {
     # sized so that fmnist_mlp with all optimizers takes about an hour on a 2-core CPU
-    "default": Budget(epochs=2, lr_points=4, seeds=3),
-    "paper": Budget(epochs=None, lr_points=7, seeds=30),
+    "default": Budget(epochs=2, lr_points=4, seeds=3, extend=3),
+    "paper": Budget(epochs=None, lr_points=7, seeds=30, extend=3),
     "tiny": Budget(epochs=1, lr_points=2, seeds=2, betas=((0.9, 0.999),), max_batches=3),
 }
 
 
-def learning_rates(optimizer: str, points: int) -> list[float]:
+def step_size_exponents(optimizer: str, points: int) -> tuple[list[float], float]:
+    """log10 of the step sizes searched first, and their spacing (one decade for one point)."""
     low, high = LR_RANGES[optimizer]
     if points == 1:
-        return [10 ** ((low + high) / 2)]
-    return [10 ** (low + (high - low) * i / (points - 1)) for i in range(points)]
+        return [(low + high) / 2], 1.0
+    spacing = (high - low) / (points - 1)
+    return [low + spacing * i for i in range(points)], spacing
+
+
+def next_exponent(searched: list[dict], exponents: list[float], spacing: float) -> float | None:
+    """Where to extend the range: one step beyond the edge the best run lies on, else None.
+
+    Every run diverged: one step below the smallest step size.
+    """
+    finite = [r for r in searched if math.isfinite(r["auc"])]
+    if not finite:
+        return min(exponents) - spacing
+    best = math.log10(min(finite, key=lambda r: r["auc"])["lr"])
+    if math.isclose(best, min(exponents), abs_tol=1e-9):
+        return min(exponents) - spacing
+    if math.isclose(best, max(exponents), abs_tol=1e-9):
+        return max(exponents) + spacing
+    return None
 
 
 def area_under_validation_loss(record: dict) -> float:
@@ -70,13 +93,18 @@ def area_under_validation_loss(record: dict) -> float:
     return sum(losses) / len(losses)
 
 
-def grid(optimizer: str, budget: Budget) -> list[tuple[float, tuple[float, float]]]:
+def grid(
+    optimizer: str, budget: Budget, exponents: list[float] | None = None
+) -> list[tuple[float, tuple[float, float]]]:
+    """(step size, betas) pairs: ``exponents`` (log10) or the optimizer's first range."""
     betas = (
         [(0.9, 0.999)]
         if optimizer == "sgd"
         else list(budget.betas or [(b1, b2) for b1 in BETA1S for b2 in BETA2S])
     )
-    return [(lr, b) for b in betas for lr in learning_rates(optimizer, budget.lr_points)]
+    if exponents is None:
+        exponents = step_size_exponents(optimizer, budget.lr_points)[0]
+    return [(10**e, b) for b in betas for e in exponents]
 
 
 def tune(
@@ -119,17 +147,28 @@ def tune(
     for name in optimizers:
         runs = out / name
         searched = []
-        for lr, betas in grid(name, plan):
-            record = train(config(name, lr, betas, 0), runs, splits, device=device)
-            searched.append(
-                {
-                    "lr": lr,
-                    "betas": list(betas),
-                    "status": record["status"],
-                    "auc": area_under_validation_loss(record),
-                    "final_test_loss": record["curves"]["test_loss"][-1],
-                }
-            )
+
+        def search(exponents):
+            for lr, betas in grid(name, plan, exponents):
+                record = train(config(name, lr, betas, 0), runs, splits, device=device)
+                searched.append(
+                    {
+                        "lr": lr,
+                        "betas": list(betas),
+                        "status": record["status"],
+                        "auc": area_under_validation_loss(record),
+                        "final_test_loss": record["curves"]["test_loss"][-1],
+                    }
+                )
+
+        exponents, spacing = step_size_exponents(name, plan.lr_points)
+        search(exponents)
+        for _ in range(plan.extend):
+            extra = next_exponent(searched, exponents, spacing)
+            if extra is None:
+                break
+            exponents.append(extra)
+            search([extra])
         best = min(searched, key=lambda r: r["auc"])
         reruns = [
             train(config(name, best["lr"], tuple(best["betas"]), seed), runs, splits, device=device)

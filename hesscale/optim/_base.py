@@ -83,6 +83,12 @@ class CurvatureAdam(Optimizer):
             f"Invalid update_every value: {update_every} (a positive integer)",
         )
         _check(bucket_cap_mb > 0, f"Invalid bucket_cap_mb value: {bucket_cap_mb}")
+        _check(
+            not distributed or (dist.is_available() and dist.is_initialized()),
+            "distributed=True averages the estimates across the ranks of a torch.distributed "
+            "process group, but none is initialized: call torch.distributed.init_process_group "
+            "first (torchrun sets up its environment), or leave distributed=None",
+        )
         defaults = dict(
             lr=lr,
             betas=betas,

@@ -83,8 +83,6 @@ class EstimateReducer:
     """
 
     def __init__(self, params, bucket_cap_mb: float = 25.0, process_group=None):
-        if bucket_cap_mb <= 0:
-            raise ValueError(f"Invalid bucket_cap_mb value: {bucket_cap_mb} (a positive number)")
         self.params = [p for p in params if p.requires_grad]
         self.process_group = process_group
         self.buckets = _buckets(self.params, int(bucket_cap_mb * 2**20))
