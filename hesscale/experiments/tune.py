@@ -8,7 +8,8 @@ convex curve"; here that choice is a rule: while the best step size lies on the 
 range searched (or every run diverged), the range grows by one step on that side, up to the
 budget's ``extend`` steps, so a problem on which a method wants smaller steps than usual (the
 Newton-like AdaHesScale on ReLU networks) still gets an interior optimum. Every run is a file
-of its own (see :mod:`.train`), so a killed tune loses nothing finished and continues where it stopped.
+of its own (see :mod:`.train`), so a killed tune loses nothing finished and continues where it
+stopped.
 
 Plots: learning curves against epochs and against wall-clock time (mean with a standard-error
 band over seeds; Figs. 3, 4, 6, 7), and step-size sensitivity (final test loss of the best β's
