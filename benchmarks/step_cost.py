@@ -2,9 +2,10 @@
 
 Measured side by side in one run (methods interleaved round by round) on the paper's Fig. 2
 networks: 64 inputs, L hidden layers of 512 tanh units, 100 outputs, cross-entropy, at batch
-sizes 1 and 128.
+sizes 1 and 128; and on the networks of DeepOBS problems (``--problems``) at their batch sizes.
 
     python benchmarks/step_cost.py [--rounds 20] [--layers 1 2 4 8 16] [--batch-sizes 1 128]
+        [--problems fmnist_2c2d cifar10_3c3d]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 from hesscale.experiments.fig2 import OPTIMIZER_LABELS, time_point
 from hesscale.experiments.io import environment_record
 from hesscale.experiments.networks import fig2b_network
+from hesscale.experiments.problems import build_network, get_problem
 
 
 def main(argv=None):
@@ -22,6 +24,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
+    parser.add_argument("--problems", nargs="*", default=[], help="DeepOBS problems' networks")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -47,6 +50,21 @@ def main(argv=None):
             rows.append({"batch": batch, "layers": layers, **point})
             cells = "".join(f"{point['ratio_to_adam'][lb]:>14.2f}" for lb in labels)
             print(f"{batch:>5} {layers:>3} {point['params']:>9} {cells}", flush=True)
+    for name in args.problems:
+        problem = get_problem(name)
+        point = time_point(
+            lambda problem=problem: build_network(problem),
+            batch=problem.batch_size,
+            loss="ce",
+            include_forward=True,
+            rounds=args.rounds,
+            device=args.device,
+            exact=False,
+            input_shape=problem.input_shape,
+        )
+        rows.append({"batch": problem.batch_size, "problem": name, **point})
+        cells = "".join(f"{point['ratio_to_adam'][lb]:>14.2f}" for lb in labels)
+        print(f"{problem.batch_size:>5} {name:<14} {point['params']:>9} {cells}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "rows": rows}, f, indent=1)

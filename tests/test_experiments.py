@@ -65,3 +65,23 @@ def test_fig2_writes_results(tmp_path, monkeypatch, capsys):
     assert point["ratio_to_adam"]["Adam"] == 1.0 and all(point["weights_finite"].values())
     assert (tmp_path / "fig2a.png").exists() and (tmp_path / "fig2b.png").exists()
     assert "relative to Adam" in capsys.readouterr().out
+
+
+def test_step_cost_times_a_problem_network():
+    """The step-cost benchmark's DeepOBS rows: image inputs, every optimizer, finite weights."""
+    from hesscale.experiments.problems import build_network, get_problem
+
+    problem = get_problem("fmnist_2c2d")
+    point = fig2.time_point(
+        lambda: build_network(problem),
+        batch=4,
+        loss="ce",
+        include_forward=True,
+        rounds=1,
+        exact=False,
+        input_shape=problem.input_shape,
+    )
+    assert set(point["ratio_to_adam"]) == set(fig2.OPTIMIZER_LABELS.values())
+    assert point["ratio_to_adam"]["Adam"] == 1.0
+    assert all(point["weights_finite"].values())
+    assert point["params"] == sum(p.numel() for p in build_network(problem).parameters())

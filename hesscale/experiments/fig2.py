@@ -63,14 +63,19 @@ def time_point(
     optimizers: list[str] | None = None,
     exact: bool = True,
     seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
 ) -> dict:
-    """Time one update of every optimizer (and affordable exact diagonals) on one network."""
+    """Time one update of every optimizer (and affordable exact diagonals) on one network.
+
+    ``input_shape``: one example's shape (default: the first layer's ``in_features``).
+    """
     torch.manual_seed(seed)
     base = make_model().to(device)
     outputs = base[-1].out_features
     params = parameter_count(base)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, base[0].in_features, generator=gen).to(device)
+    shape = input_shape or (base[0].in_features,)
+    x = torch.randn(batch, *shape, generator=gen).to(device)
     loss_fn, target = _loss_and_targets(loss, outputs, batch, device, gen)
     hesscale.extend(loss_fn)
     fns, models = {}, {}

@@ -30,6 +30,15 @@ class Problem:
     l2: float
     classes: int
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape: (channels, height, width) of the data set's images."""
+        return IMAGE_SHAPES[self.dataset]
+
+
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+IMAGE_SHAPES["cifar100"] = IMAGE_SHAPES["cifar10"]
+
 
 def _truncated_normal_(t: torch.Tensor, std: float) -> None:
     nn.init.trunc_normal_(t, mean=0.0, std=std, a=-2 * std, b=2 * std)
@@ -68,7 +77,7 @@ def two_c_two_d(padding: str = "valid", activation=nn.ReLU, classes: int = 10) -
         nn.MaxPool2d(2),
         nn.Flatten(),
     )
-    flat = _flat_size(features, (1, 28, 28))
+    flat = _flat_size(features, IMAGE_SHAPES["mnist"])
     net = nn.Sequential(*features, nn.Linear(flat, 1024), activation(), nn.Linear(1024, classes))
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -94,7 +103,7 @@ def three_c_three_d(padding: str = "valid", activation=nn.Tanh, classes: int = 1
         nn.MaxPool2d(3, 2, padding=pool_pad),
         nn.Flatten(),
     )
-    flat = _flat_size(features, (3, 32, 32))
+    flat = _flat_size(features, IMAGE_SHAPES["cifar10"])
     net = nn.Sequential(
         *features,
         nn.Linear(flat, 512),
