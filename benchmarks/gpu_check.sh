@@ -9,7 +9,8 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__)"
 python -m pytest -q -k "cuda" tests/test_rules.py tests/test_properties.py 2>&1 | tee "$out/tests.log"
-python benchmarks/step_cost.py --device cuda --rounds 20 --json "$out/step_cost.json" 2>&1 \
+python benchmarks/step_cost.py --device cuda --rounds 20 --problems fmnist_2c2d cifar10_3c3d \
+  --json "$out/step_cost.json" 2>&1 \
   | tee "$out/step_cost.log"
 python -m hesscale.cli reproduce fig2 --device cuda --out "$out/fig2" --rounds 30 2>&1 \
   | tail -20 | tee "$out/fig2.log"
