@@ -88,15 +88,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, steps, result_path):
+def _ddp_problem(rank, world, port):
+    """Join a gloo group; the float64 problem, extended and wrapped in DDP on every rank.
+
+    float64: Adam-style steps turn rounding differences of near-zero gradients into sign
+    flips, so the comparison with one process needs more precision than float32 gives.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    # float64: Adam-style steps turn rounding differences of near-zero gradients into sign
-    # flips, so the comparison with one process needs more precision than float32 gives
     model, x, y = _problem(dtype=torch.float64)
     model = hesscale.extend(model)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    return model, nn.parallel.DistributedDataParallel(model), x, y
+
+
+def _ddp_worker(rank, world, port, steps, result_path):
+    model, ddp, x, y = _ddp_problem(rank, world, port)
     loss_fn = hesscale.extend(nn.CrossEntropyLoss())
     opt = AdaHesScale(ddp.parameters(), lr=0.05)
     shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -139,12 +146,7 @@ def _scenario_run(model, loss_fn, opt, x, y, steps, scenario, observe=lambda sta
 
 
 def _reducer_worker(rank, world, port, scenario, steps, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model, x, y = _problem(dtype=torch.float64)
-    model = hesscale.extend(model)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    model, ddp, x, y = _ddp_problem(rank, world, port)
     opt = _scenario_optimizer(scenario, ddp.parameters())
     reducer = opt._reducers[0]
     shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
