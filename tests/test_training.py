@@ -10,6 +10,7 @@ import hesscale
 from hesscale.experiments import train as train_module
 from hesscale.experiments import tune as tune_module
 from hesscale.experiments.data import Splits
+from hesscale.experiments.plots import sensitivity_points
 from hesscale.experiments.problems import PROBLEMS, build_network
 from hesscale.experiments.train import RunConfig, train
 
@@ -192,3 +193,20 @@ def test_tune_extends_the_step_sizes_until_the_best_is_inside(tmp_path, monkeypa
     # the range (-5 … -2), then -6, -7, -8; -7 is inside: stop. Then the reruns at 1e-7.
     assert tried == [-5.0, -4.0, -3.0, -2.0, -6.0, -7.0, -8.0, -7.0, -7.0]
     assert summary["optimizers"]["adam"]["best"]["lr"] == pytest.approx(1e-7)
+
+
+def test_sensitivity_keeps_the_best_beta_and_marks_diverged_step_sizes():
+    def run(lr, status, loss=None):
+        return {"lr": lr, "status": status, "final_test_loss": loss}
+
+    search = [
+        run(1e-3, "finished", 0.5),
+        run(1e-3, "finished", 0.4),
+        run(1e-2, "diverged"),
+        run(1e-2, "diverged"),
+        run(1e-4, "diverged"),
+        run(1e-4, "finished", 0.9),
+    ]
+    finite, diverged = sensitivity_points(search)
+    assert finite == [(1e-4, 0.9), (1e-3, 0.4)]
+    assert diverged == [1e-2]

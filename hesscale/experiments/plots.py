@@ -21,6 +21,28 @@ def _mean_band(series: list[list[float]]):
     return means, errors
 
 
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style(index: int) -> dict:
+    """Colour and line style of the ``index``-th optimizer: the line style changes with the
+    colour, so methods whose curves coincide (HesScale and HesScaleGN on piecewise-linear
+    networks) stay visible."""
+    return {"color": f"C{index % 10}", "linestyle": _LINESTYLES[index % len(_LINESTYLES)]}
+
+
+def sensitivity_points(search: list[dict]) -> tuple[list[tuple[float, float]], list[float]]:
+    """Per step size, the final test loss of its best finished β pair, and the step sizes at
+    which every run diverged (drawn as crosses on the plot's top edge)."""
+    best: dict[float, float] = {}
+    for run in search:
+        value = run["final_test_loss"] if run["status"] == "finished" else math.inf
+        best[run["lr"]] = min(best.get(run["lr"], math.inf), value)
+    finite = [(lr, best[lr]) for lr in sorted(best) if math.isfinite(best[lr])]
+    diverged = [lr for lr in sorted(best) if not math.isfinite(best[lr])]
+    return finite, diverged
+
+
 def plot_tune(summary: dict, out: Path) -> None:
     """``curves_epochs.png``, ``curves_time.png`` and ``sensitivity.png`` in ``out``."""
     import matplotlib
@@ -37,18 +59,20 @@ def plot_tune(summary: dict, out: Path) -> None:
     for axis, filename in (("epoch", "curves_epochs.png"), ("time", "curves_time.png")):
         fig, axes = plt.subplots(3, 2, figsize=(10, 10))
         for ax, (key, label) in zip(axes.flat, panels):
-            for name, entry in summary["optimizers"].items():
+            for index, (name, entry) in enumerate(summary["optimizers"].items()):
+                style = _style(index)
                 mean, err = _mean_band([c[key] for c in entry["seeds"]])
                 xs, _ = _mean_band([c[axis] for c in entry["seeds"]])
                 n = min(len(xs), len(mean))
                 if n == 0:
                     continue
-                ax.plot(xs[:n], mean[:n], label=name)
+                ax.plot(xs[:n], mean[:n], label=name, **style)
                 ax.fill_between(
                     xs[:n],
                     [m - e for m, e in zip(mean, err)][:n],
                     [m + e for m, e in zip(mean, err)][:n],
                     alpha=0.25,
+                    color=style["color"],
                 )
             ax.set_xlabel("epoch" if axis == "epoch" else "training time [s]")
             ax.set_ylabel(label)
@@ -62,18 +86,26 @@ def plot_tune(summary: dict, out: Path) -> None:
         plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, entry in summary["optimizers"].items():
-        best_per_lr: dict[float, float] = {}
-        for run in entry["search"]:
-            value = run["final_test_loss"] if run["status"] == "finished" else math.inf
-            best_per_lr[run["lr"]] = min(best_per_lr.get(run["lr"], math.inf), value)
-        lrs = sorted(best_per_lr)
-        ax.plot(
-            lrs,
-            [best_per_lr[lr] if math.isfinite(best_per_lr[lr]) else float("nan") for lr in lrs],
-            marker="o",
-            label=name,
-        )
+    top_edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    any_diverged = False
+    for index, (name, entry) in enumerate(summary["optimizers"].items()):
+        style = _style(index)
+        finite, diverged = sensitivity_points(entry["search"])
+        if finite:
+            ax.plot(*zip(*finite), marker="o", label=name, **style)
+        if diverged:
+            any_diverged = True
+            ax.plot(
+                diverged,
+                [0.97 - 0.02 * index] * len(diverged),
+                marker="x",
+                linestyle="none",
+                color=style["color"],
+                transform=top_edge,
+                clip_on=False,
+            )
+    if any_diverged:
+        ax.plot([], [], marker="x", linestyle="none", color="0.3", label="every run diverged")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("step size")
