@@ -82,10 +82,11 @@ def _tune(args) -> None:
         data_dir=args.data_dir,
         download=args.download,
         device=args.device,
+        eps=args.eps,
     )
     print(report(summary))
     print(
-        f"written: {args.out}/{args.problem}/summary.json, curves_epochs.png, "
+        f"written: {summary['directory']}/summary.json, curves_epochs.png, "
         "curves_time.png, sensitivity.png"
     )
 
@@ -155,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
     tune.add_argument("--budget", choices=["default", "paper", "tiny"], default="default")
     tune.add_argument("--out", default="results/tune")
+    tune.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="ε of every adaptive optimizer (default: 1e-8); kept in <out>/<problem>_eps<ε>",
+    )
     _data_arguments(tune)
     return parser
 

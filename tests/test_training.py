@@ -180,11 +180,7 @@ def test_tune_extends_the_step_sizes_until_the_best_is_inside(tmp_path, monkeypa
 
     def fake_train(config, out, splits, device="cpu"):
         tried.append(round(math.log10(config.lr), 6))
-        loss = 0.3 + (math.log10(config.lr) + 7.0) ** 2  # best step size: 1e-7
-        curves = {"epoch": [0, 1], "time": [0.0, 1.0]}
-        for split in ("train_eval", "valid", "test"):
-            curves[f"{split}_loss"], curves[f"{split}_acc"] = [2.3, loss], [0.1, 0.8]
-        return {"status": "finished", "curves": curves, "seconds_per_epoch": 1.0}
+        return _fake_record(0.3 + (math.log10(config.lr) + 7.0) ** 2)  # best step size: 1e-7
 
     monkeypatch.setattr(tune_module, "train", fake_train)
     summary = tune_module.tune(
@@ -210,3 +206,37 @@ def test_sensitivity_keeps_the_best_beta_and_marks_diverged_step_sizes():
     finite, diverged = sensitivity_points(search)
     assert finite == [(1e-4, 0.9), (1e-3, 0.4)]
     assert diverged == [1e-2]
+
+
+def _fake_record(loss: float) -> dict:
+    curves = {"epoch": [0, 1], "time": [0.0, 1.0]}
+    for split in ("train_eval", "valid", "test"):
+        curves[f"{split}_loss"], curves[f"{split}_acc"] = [2.3, loss], [0.1, 0.8]
+    return {"status": "finished", "curves": curves, "seconds_per_epoch": 1.0}
+
+
+def test_tune_with_another_eps_is_kept_apart(tmp_path, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the bad ε must be refused before any data is read")
+
+    monkeypatch.setattr(tune_module, "load", no_data)
+    with pytest.raises(ValueError, match="eps"):
+        tune_module.tune(problem="fmnist_mlp", optimizers=["adam"], eps=-1.0, out=tmp_path)
+
+    monkeypatch.setattr(tune_module, "load", lambda *a, **k: None)
+    monkeypatch.setattr(tune_module, "deepobs_splits", lambda *a, **k: None)
+    seen = []
+
+    def fake_train(config, out, splits, device="cpu"):
+        seen.append((config.optimizer, config.eps, out.parent.name))
+        return _fake_record(0.3 + abs(math.log10(config.lr) + 2))
+
+    monkeypatch.setattr(tune_module, "train", fake_train)
+    summary = tune_module.tune(
+        problem="fmnist_mlp", optimizers=["sgd", "adam"], budget="tiny", out=tmp_path, eps=1e-6
+    )
+    assert {(name, eps) for name, eps, _ in seen} == {("sgd", 1e-8), ("adam", 1e-6)}
+    assert {folder for *_, folder in seen} == {"fmnist_mlp_eps1e-06"}
+    assert summary["eps"] == 1e-6 and (tmp_path / "fmnist_mlp_eps1e-06" / "summary.json").exists()
+    assert not (tmp_path / "fmnist_mlp").exists()
+    assert "ε = 1e-06" in tune_module.report(summary)

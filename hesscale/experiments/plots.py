@@ -50,7 +50,8 @@ def plot_tune(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    title = f"{summary['problem']} ({summary['padding']} padding, {summary['epochs']} epochs)"
+    eps = "" if summary.get("eps") is None else f", ε = {summary['eps']:g}"
+    title = f"{summary['problem']} ({summary['padding']} padding, {summary['epochs']} epochs{eps})"
     panels = [
         (f"{split}_{metric}", f"{split.replace('_', '-')} {metric}")
         for split in ("train_eval", "valid", "test")
@@ -110,7 +111,7 @@ def plot_tune(summary: dict, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step size")
     ax.set_ylabel("final test loss (best β's per step size)")
-    ax.set_title(f"Step-size sensitivity: {summary['problem']}", fontsize=10)
+    ax.set_title(f"Step-size sensitivity: {summary['problem']}{eps}", fontsize=10)
     ax.grid(which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -117,23 +117,33 @@ def tune(
     data_dir=None,
     download: bool = False,
     device: str = "cpu",
+    eps: float | None = None,
 ) -> dict:
-    """Search, select, rerun and plot; returns the summary written to ``out/summary.json``."""
+    """Search, select, rerun and plot; returns the summary written to ``out/summary.json``.
+
+    ``eps`` replaces the adaptive optimizers' ε (default 1e-8) in every run; such a tune is kept
+    apart, in ``out/<problem>_eps<eps>``, so that searches with different ε never mix.
+    """
+    if eps is not None and not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps}")
     spec = get_problem(problem)
     plan = BUDGETS[budget]
     epochs = plan.epochs or spec.paper_epochs
-    out = Path(out) / problem
+    out = Path(out) / (problem if eps is None else f"{problem}_eps{eps:g}")
     splits = deepobs_splits(load(spec.dataset, data_dir, download), spec.dataset)
     summary: dict = {
         "problem": problem,
         "budget": budget,
         "epochs": epochs,
         "padding": padding,
+        "eps": eps,
+        "directory": str(out),
         "environment": environment_record(),
         "optimizers": {},
     }
 
     def config(name, lr, betas, seed):
+        adaptive = {} if eps is None or name == "sgd" else {"eps": eps}
         return RunConfig(
             problem=problem,
             optimizer=name,
@@ -143,6 +153,7 @@ def tune(
             seed=seed,
             padding=padding,
             max_batches=plan.max_batches,
+            **adaptive,
         )
 
     for name in optimizers:
@@ -191,8 +202,9 @@ def tune(
 
 def report(summary: dict) -> str:
     """Best step size, final test accuracy and loss (mean ± standard error), time per epoch."""
+    eps = "" if summary.get("eps") is None else f", ε = {summary['eps']:g}"
     lines = [
-        f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}",
+        f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}{eps}",
         f"{'optimizer':<15}{'best lr':>10}{'β1':>5}{'β2':>8}{'test acc':>18}"
         f"{'test loss':>20}{'s/epoch':>9}",
     ]
