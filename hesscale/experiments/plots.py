@@ -24,6 +24,11 @@ def _mean_band(series: list[list[float]]):
 _LINESTYLES = ("-", "--", "-.", ":")
 
 
+def eps_suffix(summary: dict) -> str:
+    """ ", ε = …" for a tune run with another ε than the optimizers' own, else ""."""
+    return "" if summary.get("eps") is None else f", ε = {summary['eps']:g}"
+
+
 def _style(index: int) -> dict:
     """Colour and line style of the ``index``-th optimizer: the line style changes with the
     colour, so methods whose curves coincide (HesScale and HesScaleGN on piecewise-linear
@@ -50,7 +55,7 @@ def plot_tune(summary: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eps = "" if summary.get("eps") is None else f", ε = {summary['eps']:g}"
+    eps = eps_suffix(summary)
     title = f"{summary['problem']} ({summary['padding']} padding, {summary['epochs']} epochs{eps})"
     panels = [
         (f"{split}_{metric}", f"{split.replace('_', '-')} {metric}")

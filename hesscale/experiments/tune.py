@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .data import deepobs_splits, load
 from .io import atomic_write_json, environment_record
+from .plots import eps_suffix, plot_tune
 from .problems import get_problem
 from .train import RunConfig, train
 
@@ -194,17 +195,15 @@ def tune(
             "seconds_per_epoch": sum(r["seconds_per_epoch"] for r in reruns) / len(reruns),
         }
         atomic_write_json(out / "summary.json", summary)
-    from .plots import plot_tune
-
     plot_tune(summary, out)
     return summary
 
 
 def report(summary: dict) -> str:
     """Best step size, final test accuracy and loss (mean ± standard error), time per epoch."""
-    eps = "" if summary.get("eps") is None else f", ε = {summary['eps']:g}"
     lines = [
-        f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}{eps}",
+        f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}"
+        + eps_suffix(summary),
         f"{'optimizer':<15}{'best lr':>10}{'β1':>5}{'β2':>8}{'test acc':>18}"
         f"{'test loss':>20}{'s/epoch':>9}",
     ]
