@@ -25,7 +25,7 @@ _LINESTYLES = ("-", "--", "-.", ":")
 
 
 def eps_suffix(summary: dict) -> str:
-    """ ", ε = …" for a tune run with another ε than the optimizers' own, else ""."""
+    """The label's ε part (``, ε = 1e-06``) for a tune with its own ε; empty otherwise."""
     return "" if summary.get("eps") is None else f", ε = {summary['eps']:g}"
 
 

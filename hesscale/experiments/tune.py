@@ -96,16 +96,14 @@ def area_under_validation_loss(record: dict) -> float:
 
 
 def grid(
-    optimizer: str, budget: Budget, exponents: list[float] | None = None
+    optimizer: str, budget: Budget, exponents: list[float]
 ) -> list[tuple[float, tuple[float, float]]]:
-    """(step size, betas) pairs: ``exponents`` (log10) or the optimizer's first range."""
+    """(step size, betas) pairs for the step sizes ``10**exponents``."""
     betas = (
         [(0.9, 0.999)]
         if optimizer == "sgd"
         else list(budget.betas or [(b1, b2) for b1 in BETA1S for b2 in BETA2S])
     )
-    if exponents is None:
-        exponents = step_size_exponents(optimizer, budget.lr_points)[0]
     return [(10**e, b) for b in betas for e in exponents]
 
 
