@@ -4,9 +4,9 @@ Public API:
     extend(module)            prepare a model or a loss (returns it; idempotent)
     diagonal(model, loss_fn, x, y, method=...)   one batch's estimate, as {name: tensor}
     request(params, method)   ask following backward passes for estimates (used by optimizers)
-    register_rule(type, rule) add a rule for a layer of your own
+    register_rule(type, rule) add a rule for a layer or autograd Function of your own
     register_estimate_hook(param, hook)   run hook(param) when a backward pass writes its estimate
-    UnsupportedModuleError, NonChainForwardError
+    UnsupportedModuleError
 """
 
 from ._engine import (
@@ -17,10 +17,17 @@ from ._engine import (
     register_estimate_hook,
     request,
 )
-from ._errors import NonChainForwardError, UnsupportedModuleError
+from ._errors import UnsupportedModuleError
 from ._methods import METHODS
 from .estimators import ESTIMATORS, diagonal
-from .rules import Backprop, LayerContext, register_rule, supported_types
+from .rules import (
+    Backprop,
+    LayerContext,
+    NodeContext,
+    register_rule,
+    supported_operations,
+    supported_types,
+)
 
 __version__ = "0.1.0"
 
@@ -30,7 +37,7 @@ __all__ = [
     "ESTIMATORS",
     "LayerContext",
     "METHODS",
-    "NonChainForwardError",
+    "NodeContext",
     "UnsupportedModuleError",
     "diagonal",
     "estimate_id",
@@ -39,5 +46,6 @@ __all__ = [
     "register_estimate_hook",
     "register_rule",
     "request",
+    "supported_operations",
     "supported_types",
 ]

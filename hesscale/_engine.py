@@ -1,20 +1,50 @@
-"""The HesScale engine: hooks that record a chain forward pass and backpropagate curvature.
+"""The HesScale engine: curvature backpropagated along autograd's own graph of the backward pass.
 
 How it works
 ------------
-``extend(model)`` checks every leaf module against the rule registry and installs forward hooks.
-They do nothing unless an estimate was requested for the model's parameters (by an optimizer
-through :func:`request`, or by :func:`diagonal`), so an extended model trained with plain Adam pays
-one Python call per module and forward.
+``extend(model)`` installs forward hooks. They do nothing unless an estimate was requested for
+the model's parameters (by an optimizer through :func:`request`, or by :func:`diagonal`), so an
+extended model trained with plain Adam pays a few Python calls per forward.
 
-When an estimate is requested, the forward pass records every leaf call on a :class:`_Tape`,
-checking that the calls form a chain (each module consumes the previous module's output), and
-registers a gradient hook on each module output. The extended loss records how to compute the
-exact diagonal of its Hessian with respect to the network output. During ``loss.backward()``
-autograd reaches the module outputs in reverse order; the hook on the output of module ``i``
-receives ``g_i = ∂L/∂y_i`` and holds ``ŝ_i`` (from the loss, or from module ``i + 1``), applies
-module ``i``'s rule, stores the parameter estimates as ``p.hess_diag`` and leaves ``ŝ`` for
-module ``i − 1``. Curvature thus flows alongside the gradient in the same backward pass.
+When an estimate is requested, a forward pass of the model is recorded as a :class:`_Forward`:
+each output is returned as a :class:`_Traced` tensor (``as_subclass``, which adds an identity
+``AliasBackward0`` node that marks the network output in the graph), and each call of a module
+with a *layer rule* (Linear, convolutions, a user's registered layer) is tagged on the autograd
+node that produced its output. Nothing else is recorded: whatever the forward computes, with any
+Python control flow, is in autograd's graph.
+
+Operations on a ``_Traced`` tensor return ``_Traced`` tensors, so the value that the user
+backpropagates (a loss, a sum of losses of several forward passes, a loss plus a penalty on the
+parameters, a loss scaled by a GradScaler) is one, and its ``.backward()`` reaches
+``_Traced.__torch_function__`` with the root of the backward pass in hand. Before autograd
+runs, :class:`_Pass` walks the graph from the root over ``next_functions`` and
+
+1. finds which nodes lead to a parameter whose estimate is wanted, and refuses by name every such
+   node without a rule (``UnsupportedModuleError``: no number is produced);
+2. marks the nodes below the network outputs as the network side: there HesScaleGN drops the
+   second-order terms; above them (the loss, penalties) every term is kept;
+3. registers a prehook on each node that needs one.
+
+Autograd then runs the backward pass. A node runs only after every consumer of its outputs, so
+when its prehook receives the gradients ``g`` at its outputs, the curvature ``ŝ`` at its outputs
+is complete: the sum of what each consumer's rule delivered (a tensor consumed several times
+gets the sum of the contributions; the cross terms between consumers are dropped, as the paper
+drops off-diagonal terms). The prehook applies the node's rule and adds ``ŝ`` at the node's
+inputs to the producers' accumulators. The root starts with ``ŝ = 0`` (the Hessian of the loss
+with respect to itself) and whatever gradient the backward starts with, so the estimate is of
+exactly what is backpropagated. At a layer call the layer rule replaces the operations inside
+the module and hands ``ŝ_x`` to the producer of the module's input. Parameters are the graph's
+leaves (``AccumulateGrad``): one used in several places (a module called twice, tied weights)
+gets the sum over its uses, written to ``p.hess_diag`` when the last use is in.
+
+GGN-MC does not propagate ``ŝ``: at the network output's node it samples factors of the loss
+Hessian and backpropagates them to the layer calls with one batched ``autograd.grad``.
+
+``torch.autograd.backward(loss)`` and ``torch.autograd.grad`` bypass ``Tensor.backward``: they
+compute gradients and no estimate, which the optimizers report as a missing estimate.
+
+Measured (``benchmarks/engine_cost.py``, 2-core CPU, one thread, float32): the walk and the
+hooks alone cost about 15 µs per node of the graph and pass.
 """
 
 from __future__ import annotations
@@ -27,69 +57,29 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from ._errors import NonChainForwardError, UnsupportedModuleError
+from ._errors import UnsupportedModuleError
 from ._ggn_mc import sampled_ggn_diagonals
 from ._methods import METHODS, Method, get_method
 from .baselines import sample_hessian_factor
-from .rules import loss_rule_for, rule_for
-from .rules._registry import Backprop, LayerContext, Rule
-from .rules.losses import bind_loss_arguments, is_loss
+from .rules import NodeContext, layer_rule_for, node_rule_for
+from .rules._registry import Backprop, LayerContext, Rule, supported_operations
+from .rules.losses import bind_loss_arguments, check_loss, is_loss
 
 _STATE = "_hesscale_state"
-_LOSS_STATE = "_hesscale_loss_rule"
+_LOSS_STATE = "_hesscale_loss"
 _REQUEST = "_hesscale_request"
-_TAPE_TAG = "_hesscale_tape"
 _ESTIMATE_ID = "_hess_diag_id"
 _LOSS_FACTOR = "_hess_diag_loss_factor"
 _ESTIMATE_HOOKS = "_hess_diag_hooks"
+_OUTPUT_TAG = "hesscale.output"  # node metadata: the _Forward whose output this alias marks
+_LAYER_TAG = "hesscale.layer"  # node metadata: {output_nr: _LayerCall} of layer calls
 ESTIMATE_ATTRIBUTE = "hess_diag"
 
-_tape_ids = itertools.count(1)
-
-
-@dataclass
-class _Record:
-    """One leaf module call of the forward pass.
-
-    Values are kept detached and the output's identity as a weak reference: the output carries
-    a hook that refers to the tape, and a tape referring back to it would form a cycle through
-    autograd's C++ graph that Python's garbage collector cannot break.
-    """
-
-    module: nn.Module
-    path: str
-    rule: Rule
-    input: Tensor | None
-    output: Tensor | None
-    output_ref: weakref.ref
-    version: int
-    saved: object = None
-    live_output: Tensor | None = None  # the graph-attached output, kept for GGN-MC only
-
-    def produced(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` is this module's unmodified output."""
-        return self.output_ref() is tensor and tensor._version == self.version
-
-
-@dataclass
-class _Tape:
-    """The chain of module calls of one forward pass, and the curvature handed between them."""
-
-    method: Method
-    root_input: Tensor | None
-    options: _Options
-    id: int = field(default_factory=lambda: next(_tape_ids))
-    records: list[_Record] = field(default_factory=list)
-    called: set = field(default_factory=set)  # modules called so far (reuse is refused)
-    first: int = 0
-    loss: _LossCall | None = None  # set by the extended loss that consumed the output
-    pending: dict[int, Tensor] = field(default_factory=dict)
-    busy: bool = False  # inside the engine's own backward pass (GGN-MC): hooks stand aside
-    loss_factor: Tensor | None = None  # ∂(what is backpropagated)/∂(loss value), see _on_loss
-    dtype: torch.dtype | None = None  # the parameters' dtype: curvature is computed in it
-    workspaces: dict = field(default_factory=dict)
+_pass_ids = itertools.count(1)
+_last_pass_id = 0
 
 
 @dataclass(frozen=True)
@@ -103,20 +93,33 @@ class _Options:
     announce: bool = True  # run the parameters' estimate hooks (optimizer requests)
 
 
+@dataclass
+class _LayerCall:
+    """One call of a module with a layer rule, tagged on its output's autograd node.
+
+    Values are kept detached; the graph-attached output is kept for GGN-MC only, and released
+    after the pass (it would form a cycle through autograd's C++ graph otherwise).
+    """
+
+    module: nn.Module
+    path: str
+    rule: Rule
+    input: Tensor | None
+    output: Tensor | None
+    input_edge: tuple | None  # (node, output_nr) of the input's producer, None without grad
+    version: int
+    forward: _Forward
+    saved: object = None
+    live_output: Tensor | None = None
+
+
 @dataclass(frozen=True)
 class _LossCall:
-    """An extended loss's call on a tape's output: enough to compute ``ŝ`` or sample factors."""
+    """An extended loss's call on a network output: what GGN-MC needs to sample factors."""
 
     module: nn.Module
     arguments: dict
     role: str
-
-    def curvature(self, method: Method, dtype: torch.dtype | None = None) -> Tensor:
-        arguments = {
-            k: _as(v, dtype) if isinstance(v, Tensor) else v for k, v in self.arguments.items()
-        }
-        rule = getattr(self.module, _LOSS_STATE)
-        return rule.curvature(self.module, arguments, method)[self.role]
 
     def factors(self, samples: int, generator) -> Tensor:
         if self.role != "input":
@@ -126,31 +129,485 @@ class _LossCall:
         return sample_hessian_factor(self.module, out, target, samples, generator, **args)
 
 
+@dataclass
+class _Forward:
+    """One forward pass of an extended model with an estimate requested."""
+
+    state: _ModelState
+    method: Method
+    options: _Options
+    forced: bool
+    dtype: torch.dtype | None
+    calls: list[_LayerCall] = field(default_factory=list)
+    spans: list[tuple[int, int, str]] = field(default_factory=list)  # (first, end, path)
+    open_spans: list[int] = field(default_factory=list)
+    live_output: Tensor | None = None  # GGN-MC only
+    loss: _LossCall | None = None
+    loss_factor: Tensor | None = None
+
+    def module_of(self, node) -> str | None:
+        """The innermost module whose forward created ``node`` (by sequence numbers)."""
+        seq = node._sequence_nr()
+        inside = [(end - first, path) for first, end, path in self.spans if first <= seq < end]
+        return min(inside)[1] if inside else None
+
+    def release(self) -> None:
+        for call in self.calls:
+            call.input = call.output = call.saved = call.live_output = None
+        self.live_output = None
+        self.loss = None
+
+
+class _Traced(torch.Tensor):
+    """A network output while an estimate is requested: its ``.backward()`` (and that of every
+    tensor computed from it) runs the curvature pass alongside autograd's."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.backward:
+            return _backward(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def _plain(t: Tensor) -> Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.as_subclass(torch.Tensor) if isinstance(t, _Traced) else t
+
+
+def _backward(root: Tensor, *args, **kwargs):
+    with torch._C.DisableTorchFunctionSubclass():
+        curvature_pass = _Pass.plan(root)
+        try:
+            torch.Tensor.backward(root, *args, **kwargs)
+        finally:
+            if curvature_pass is not None:
+                curvature_pass.finish()
+
+
+@dataclass
+class _NodeInfo:
+    edges: tuple  # ((child, output_nr), ...) followed: next_functions, or a layer call's input
+    needs: tuple = ()
+    network: bool = False
+    rule: object = None
+    calls: dict | None = None  # output_nr -> _LayerCall for a layer call's output node
+
+
+def _is_leaf(node) -> bool:
+    return type(node).__name__ == "AccumulateGrad"
+
+
+class _Pass:
+    """The curvature pass of one ``backward()`` (see the module docstring)."""
+
+    def __init__(self, root, forwards: list[_Forward]):
+        self.id = next(_pass_ids)
+        self.root = root
+        self.forwards = forwards
+        first = forwards[0]
+        self.method, self.options, self.dtype = first.method, first.options, first.dtype
+        self.info: dict[object, _NodeInfo] = {}
+        self.curvature: dict[object, list] = {}
+        self.uses: dict[Tensor, int] = {}
+        self.received: dict[Tensor, int] = {}
+        self.estimates: dict[Tensor, Tensor] = {}
+        self.handles: list[RemovableHandle] = []
+
+    @property
+    def loss_factor(self) -> Tensor | None:
+        """The factor by which the backward pass scaled an extended loss (set by a hook on the
+        loss value during this backward), when all forward passes agree on one."""
+        factors = [f.loss_factor for f in self.forwards]
+        return factors[0] if all(f is factors[0] for f in factors) else None
+
+    # --- planning -------------------------------------------------------------------------
+    @classmethod
+    def plan(cls, root: Tensor) -> _Pass | None:
+        start = root.grad_fn
+        if start is None:
+            return None
+        order, info, forwards = [], {}, {}
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if node in info:
+                continue
+            meta = {} if _is_leaf(node) else node.metadata
+            calls = meta.get(_LAYER_TAG)
+            if calls is not None:
+                edges = tuple(c.input_edge for c in calls.values() if c.input_edge is not None)
+            elif _is_leaf(node):
+                edges = ()
+            else:
+                edges = tuple(e for e in node.next_functions)
+            info[node] = _NodeInfo(edges, calls=calls)
+            forward = meta.get(_OUTPUT_TAG)
+            if forward is not None:
+                forwards[id(forward)] = forward
+            stack.append((node, True))
+            for child, _ in edges:
+                if child is not None and child not in info:
+                    stack.append((child, False))
+        if not forwards:
+            return None
+        methods = {f.method.name for f in forwards.values()}
+        if len(methods) > 1:
+            raise ValueError(
+                f"one backward pass computes one estimate, but its forward passes request "
+                f"{sorted(methods)}"
+            )
+        pass_ = cls(root, list(forwards.values()))
+        pass_.info = info
+        pass_._mark_network()
+        pass_._mark_needs(order)
+        if pass_.method.monte_carlo:
+            pass_._plan_monte_carlo()
+        else:
+            pass_._register_rules()
+        global _last_pass_id
+        _last_pass_id = pass_.id
+        return pass_
+
+    def _estimated(self, p: Tensor) -> bool:
+        if getattr(p, _REQUEST, None) == self.method.name:
+            return True
+        return any(f.forced and p in f.state.param_set for f in self.forwards)
+
+    def _mark_network(self) -> None:
+        stack = [
+            child
+            for node, info in self.info.items()
+            if not _is_leaf(node) and _OUTPUT_TAG in node.metadata
+            for child, _ in info.edges
+            if child is not None
+        ]
+        while stack:
+            node = stack.pop()
+            info = self.info[node]
+            if info.network:
+                continue
+            info.network = True
+            stack.extend(child for child, _ in info.edges if child is not None)
+
+    def _mark_needs(self, order) -> None:
+        """Post-order: a node is useful if a wanted estimate lies below it; count the uses."""
+        useful: dict[object, bool] = {}
+        for node in order:
+            info = self.info[node]
+            if _is_leaf(node):
+                useful[node] = self._estimated(node.variable)
+                continue
+            info.needs = tuple(child is not None and useful[child] for child, _ in info.edges)
+            own = False
+            if info.calls is not None:
+                for call in info.calls.values():
+                    params = self._layer_params(call)
+                    own = own or bool(params)
+                    for p in params:
+                        self.uses[p] = self.uses.get(p, 0) + 1
+            for (child, _), need in zip(info.edges, info.needs):
+                if need and _is_leaf(child):
+                    p = child.variable
+                    self.uses[p] = self.uses.get(p, 0) + 1
+            useful[node] = own or any(info.needs)
+        self.useful = useful
+
+    def _layer_params(self, call: _LayerCall) -> list[Tensor]:
+        return [
+            p
+            for p in call.module.parameters(recurse=True)
+            if p.requires_grad and self._estimated(p)
+        ]
+
+    def _where(self, node) -> str:
+        for f in self.forwards:
+            path = f.module_of(node)
+            if path is not None:
+                return f" (in module '{path}' of {f.state.root_name})"
+        return " (outside the model's forward: in the loss or a term added to it)"
+
+    def _refuse(self, node, problem: str, advice: str):
+        name = type(node).__name__
+        raise UnsupportedModuleError(
+            f"{name}{self._where(node)} {problem}. {advice} Estimators that work on any model: "
+            "method='hutchinson' (AdaHessian), 'exact' on small models."
+        )
+
+    def _register_rules(self) -> None:
+        individual = self.options.individual
+        for node, info in self.info.items():
+            if _is_leaf(node) or not self.useful[node]:
+                continue
+            for call in (info.calls or {}).values():
+                if call.input is None:
+                    raise RuntimeError(
+                        "hesscale computes its estimates once per forward pass; run the forward "
+                        "pass again before another backward through the same graph"
+                    )
+            if info.calls is None:
+                info.rule = node_rule_for(node)
+                if info.rule is None:
+                    self._refuse(
+                        node,
+                        "has no HesScale rule",
+                        "Register one with hesscale.register_rule (for your own layer or "
+                        "torch.autograd.Function), or compute it with supported operations "
+                        f"({len(supported_operations())} are, e.g. "
+                        "AddmmBackward0, ConvolutionBackward0, TanhBackward0, MulBackward0).",
+                    )
+                if individual and any(
+                    need and _is_leaf(child) for (child, _), need in zip(info.edges, info.needs)
+                ):
+                    self._refuse(
+                        node,
+                        "uses a parameter outside a layer with a per-example rule",
+                        "Per-example estimates (individual=True) are computed by layer rules "
+                        "(nn.Linear, convolutions): put the parameter in such a module, or use "
+                        "individual=False.",
+                    )
+            self.handles.append(node.register_prehook(partial(_on_node, self, node)))
+
+    def _plan_monte_carlo(self) -> None:
+        if len(self.forwards) != 1:
+            raise UnsupportedModuleError(
+                "GGN-MC samples the loss Hessian at one network output: backpropagate one "
+                "forward pass's loss at a time (method='hesscale' sums several)"
+            )
+        forward = self.forwards[0]
+        for node, info in self.info.items():
+            if _is_leaf(node) or info.calls is not None:
+                continue
+            for (child, _), need in zip(info.edges, info.needs):
+                if need and _is_leaf(child):
+                    self._refuse(
+                        node,
+                        "uses a parameter outside a layer with a per-example rule",
+                        "GGN-MC squares per-example gradients of layers (nn.Linear, "
+                        "convolutions) and samples only the loss Hessian, so penalties and "
+                        "functional uses of parameters are not included: use "
+                        "method='hesscale'.",
+                    )
+        if forward.loss is None or forward.live_output is None:
+            raise UnsupportedModuleError(
+                "GGN-MC needs the loss's Hessian at the network output: extend the loss "
+                "(loss_fn = hesscale.extend(loss_fn)) and apply it directly to the output"
+            )
+        counted = {}
+        for call in forward.calls:
+            for p in self._layer_params(call):
+                counted[p] = counted.get(p, 0) + 1
+                if counted[p] > 1:
+                    raise UnsupportedModuleError(
+                        f"GGN-MC: a parameter of module '{call.path}' is used by several "
+                        "calls; its per-example gradients would have to be summed before "
+                        "squaring, which is not supported: use method='hesscale'"
+                    )
+        output_alias = next(
+            n for n in self.info if not _is_leaf(n) and n.metadata.get(_OUTPUT_TAG) is forward
+        )
+        self.handles.append(
+            output_alias.register_prehook(partial(_on_monte_carlo, self, forward))
+        )
+
+    # --- running --------------------------------------------------------------------------
+    def add(self, node, output_nr: int, s: Tensor) -> None:
+        s = _as(s, self.dtype)  # autograd's own backward (selections) keeps the ops' dtype
+        slots = self.curvature.get(node)
+        if slots is None:
+            slots = self.curvature[node] = [None] * len(node._input_metadata)
+        current = slots[output_nr]
+        slots[output_nr] = s if current is None else current + s
+
+    def add_estimate(self, p: Tensor, estimate: Tensor) -> None:
+        estimate = _as(estimate, self.dtype)
+        current = self.estimates.get(p)
+        self.estimates[p] = estimate if current is None else current + estimate
+        self.received[p] = self.received.get(p, 0) + 1
+        if self.received[p] == self.uses.get(p, 1):
+            self._write(p)
+
+    def _write(self, p: Tensor) -> None:
+        estimate = self.estimates.pop(p)
+        if self.options.individual is False and estimate.shape != p.shape:
+            raise RuntimeError(
+                f"a rule returned an estimate of shape {tuple(estimate.shape)} for a parameter "
+                f"of shape {tuple(p.shape)}"
+            )
+        factor = self.loss_factor
+        if factor is not None and self.method.monte_carlo:  # factors sample the unscaled loss
+            estimate = estimate * factor
+        setattr(p, ESTIMATE_ATTRIBUTE, estimate.detach())
+        setattr(p, _ESTIMATE_ID, self.id)
+        setattr(p, _LOSS_FACTOR, factor)
+        hooks = getattr(p, _ESTIMATE_HOOKS, None) if self.options.announce else None
+        if hooks:
+            for hook in tuple(hooks.values()):
+                hook(p)
+
+    def finish(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for p in list(self.estimates):  # uses that autograd never reached (no gradient)
+            self._write(p)
+        for f in self.forwards:
+            f.release()
+        self.curvature.clear()
+        self.info.clear()
+
+
+def _on_node(pass_: _Pass, node, grads):
+    """Prehook of a node: apply its rule (see the module docstring)."""
+    device = next((g.device.type for g in grads if g is not None), "cpu")
+    if torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            _apply(pass_, node, grads)
+    else:
+        _apply(pass_, node, grads)
+
+
+def _as(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """``t`` in ``dtype`` when both are floating and differ (mixed precision), else ``t``."""
+    if t is None or dtype is None or t.dtype == dtype or not t.is_floating_point():
+        return t
+    return t.to(dtype)
+
+
+def _apply(pass_: _Pass, node, grads) -> None:
+    info = pass_.info[node]
+    dtype = pass_.dtype
+    slots = pass_.curvature.pop(node, None)
+    grads = tuple(_as(g, dtype) for g in grads)
+    if info.calls is not None:
+        for output_nr, call in info.calls.items():
+            s = slots[output_nr] if slots is not None else None
+            _apply_layer(pass_, info, call, grads[output_nr], s)
+        return
+    ctx = NodeContext(
+        node=node,
+        grad_outputs=grads,
+        curvature_outputs=tuple(slots) if slots is not None else (None,) * len(grads),
+        needs=info.needs,
+        second_order=pass_.method.second_order_term or not info.network,
+        method=pass_.method,
+        dtype=dtype,
+    )
+    try:
+        results = info.rule(ctx)
+    except NotImplementedError as error:
+        pass_._refuse(node, f"is used in a way its rule does not support: {error}", "")
+    for (child, output_nr), need, s in zip(info.edges, info.needs, results):
+        if not need or s is None:
+            continue
+        if _is_leaf(child):
+            pass_.add_estimate(child.variable, s)
+        else:
+            pass_.add(child, output_nr, s)
+
+
+def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> None:
+    if call.output._version != call.version:
+        raise RuntimeError(
+            f"the output of module '{call.path}' was modified in place after the module ran; "
+            "its rule needs it as the module returned it"
+        )
+    dtype = pass_.dtype
+    output = _as(call.output, dtype)
+    if grad is None:
+        grad = torch.zeros_like(output)
+    if s is None:
+        s = torch.zeros_like(output)
+    params = pass_._layer_params(call)
+    need_input = call.input_edge is not None and any(
+        need for (child, _), need in zip(info.edges, info.needs) if child is call.input_edge[0]
+    )
+    single_use = all(pass_.uses.get(p, 1) == 1 for p in params)
+    options = pass_.options
+    ctx = LayerContext(
+        module=call.module,
+        input=_as(call.input, dtype),
+        output=output,
+        grad_output=grad,
+        curvature_output=s,
+        saved=call.saved,
+        method=pass_.method,
+        need_input_curvature=need_input,
+        individual=options.individual,
+        workspace=(
+            call.forward.state.workspaces.setdefault(call.module, {})
+            if options.reuse_buffers and not options.individual and single_use
+            else None
+        ),
+        second_order=pass_.method.second_order_term or not info.network,
+    )
+    result: Backprop = call.rule.backprop(ctx)
+    _store_layer(pass_, call, result.parameters, params)
+    if need_input:
+        if result.curvature_input is None:
+            raise RuntimeError(f"the rule of '{call.path}' returned no input curvature")
+        child, nr = call.input_edge
+        if _is_leaf(child):
+            pass_.add_estimate(child.variable, result.curvature_input)
+        else:
+            pass_.add(child, nr, result.curvature_input)
+    call.input = call.output = call.saved = None
+
+
+def _store_layer(pass_: _Pass, call: _LayerCall, estimates: dict, params: list[Tensor]) -> None:
+    """Hand a layer rule's parameter estimates to the pass; shapes are checked."""
+    wanted = {id(p) for p in params}
+    individual = pass_.options.individual
+    for name, estimate in estimates.items():
+        param = call.module.get_parameter(name)
+        if id(param) not in wanted:
+            continue
+        expected = (len(call.input), *param.shape) if individual else param.shape
+        if estimate.shape != expected:
+            raise RuntimeError(
+                f"the rule of '{call.path}' returned an estimate of shape "
+                f"{tuple(estimate.shape)} for '{name}', expected {tuple(expected)}"
+                + (" (per example: does the rule support individual=True?)" if individual else "")
+            )
+        pass_.add_estimate(param, estimate)
+
+
+def _on_monte_carlo(pass_: _Pass, forward: _Forward, grads) -> None:
+    """Prehook at the network output under GGN-MC: sample, backpropagate, square."""
+    options = pass_.options
+    factors = forward.loss.factors(options.samples, options.generator)
+    sampled = sampled_ggn_diagonals(
+        forward.calls, forward.live_output, factors, options.individual, pass_.dtype
+    )
+    for call, estimates in sampled:
+        _store_layer(pass_, call, estimates, pass_._layer_params(call))
+
+
 class _ModelState:
-    """What ``extend`` attaches to a model: its leaves, their rules and the current tape."""
+    """What ``extend`` attaches to a model: its layer rules and the forward being recorded."""
 
     def __init__(self, model: nn.Module):
         self.root_name = type(model).__name__
         self.paths: dict[nn.Module, str] = {}
-        self.rules: dict[nn.Module, Rule] = {}
+        self.layers: dict[nn.Module, Rule] = {}
+        inside_layer: list[str] = []
         for path, module in model.named_modules():
-            if module._parameters and any(True for _ in module.children()):
-                raise UnsupportedModuleError(
-                    f"module '{path or '<root>'}' ({type(module).__name__}) owns parameters "
-                    f"{sorted(module._parameters)} and also has submodules: its forward uses them "
-                    "outside any supported layer. Move them into a layer with a rule."
-                )
-            if not any(True for _ in module.children()):
-                self.rules[module] = rule_for(module, path)
-                self.paths[module] = path or "<root>"
+            if any(not prefix or path.startswith(prefix + ".") for prefix in inside_layer):
+                continue
+            self.paths[module] = path or "<root>"
+            rule = layer_rule_for(module, path)
+            if rule is not None:
+                self.layers[module] = rule
+                inside_layer.append(path)
         self.params = [p for p in model.parameters()]
-        self.workspaces: dict[nn.Module, dict] = {m: {} for m in self.rules}
+        self.param_set = set(self.params)
+        self.workspaces: dict[nn.Module, dict] = {}
         self.forced: Method | None = None
         self.options = _Options()
-        self.tape: _Tape | None = None
+        self.current: _Forward | None = None
         self.last_monte_carlo: weakref.ref | None = None
 
-    # --- forward --------------------------------------------------------------------------
     def requested_method(self) -> Method | None:
         """The method asked for by :func:`diagonal` or by the parameters' requests."""
         if self.forced is not None:
@@ -165,278 +622,190 @@ class _ModelState:
             )
         return METHODS[names.pop()]
 
+    # --- forward hooks --------------------------------------------------------------------
     def on_root_start(self, model, args):
         previous = self.last_monte_carlo() if self.last_monte_carlo is not None else None
         if previous is not None:  # its graph-attached outputs form a cycle until released
-            _release(previous)
+            previous.release()
             self.last_monte_carlo = None
         method = self.requested_method()
         if method is None or not torch.is_grad_enabled():
-            self.tape = None
+            self.current = None
             return
         if torch.compiler.is_compiling():
             raise UnsupportedModuleError(
                 f"{self.root_name} is extended and being compiled by torch.compile: compiled "
                 "graphs bypass the hooks that compute the estimates. Train the uncompiled model."
             )
-        first = args[0] if args and isinstance(args[0], Tensor) else None
         floating = [p.dtype for p in self.params if p.is_floating_point()]
-        self.tape = _Tape(
+        self.current = _Forward(
+            state=self,
             method=method,
-            root_input=first,
             options=self.options,
-            workspaces=self.workspaces,
+            forced=self.forced is not None,
             dtype=floating[0] if floating else None,
         )
-        self.last_monte_carlo = weakref.ref(self.tape) if method.monte_carlo else None
+        self.current.open_spans.append(torch._C._autograd._get_sequence_nr())
+        if method.monte_carlo:
+            self.last_monte_carlo = weakref.ref(self.current)
 
-    def on_leaf(self, module, args, output):
-        tape = self.tape
-        if tape is None:
+    def on_enter(self, module, args):
+        if self.current is not None:
+            self.current.open_spans.append(torch._C._autograd._get_sequence_nr())
+
+    def on_exit(self, module, args, output):
+        forward = self.current
+        if forward is not None and forward.open_spans:
+            first = forward.open_spans.pop()
+            end = torch._C._autograd._get_sequence_nr()
+            forward.spans.append((first, end, self.paths[module]))
+
+    def on_layer(self, module, args, output):
+        forward = self.current
+        if forward is None:
             return
         path = self.paths[module]
         if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
-            raise NonChainForwardError(
+            raise UnsupportedModuleError(
                 f"module '{path}' ({type(module).__name__}) was called with {len(args)} "
-                "positional inputs or returned a non-tensor; the engine supports chains of "
-                "modules that map one tensor to one tensor"
+                "positional inputs or returned a non-tensor; its layer rule maps one tensor to "
+                "one tensor"
             )
         x = args[0]
-        if module in tape.called:
-            raise NonChainForwardError(
-                f"forward of {self.root_name} is not a chain: module '{path}' is called twice "
-                "(reused modules share parameters across positions and are not supported)"
-            )
-        if tape.records:
-            prev = tape.records[-1]
-            if not prev.produced(x):
-                raise NonChainForwardError(
-                    f"forward of {self.root_name} is not a chain: module '{path}' "
-                    f"({type(module).__name__}) received a tensor that is not the unmodified "
-                    f"output of the module called before it, '{prev.path}'. Branches, residual "
-                    "additions and functional calls between modules are not supported; express "
-                    "the model as a chain of supported modules (e.g. nn.Flatten instead of "
-                    "x.view, nn.ReLU instead of torch.relu)."
-                )
-        elif x.requires_grad and x is not tape.root_input:
-            raise NonChainForwardError(
-                f"forward of {self.root_name} is not a chain: its first module '{path}' "
-                "receives a tensor computed from trainable values outside any module"
-            )
-        tape.called.add(module)
-        if output is x:  # returned its input unchanged (Identity, eval-mode Dropout): J = I
-            return
-        index = len(tape.records)
-        rule = self.rules[module]
+        if output is x or not output.requires_grad or output.grad_fn is None:
+            return  # J = I (Identity, eval-mode Dropout), or nothing to backpropagate
+        rule = self.layers[module]
         saved = rule.capture(module, x, output) if rule.capture is not None else None
-        tape.records.append(
-            _Record(
-                module,
-                path,
-                rule,
-                x.detach(),
-                output.detach(),
-                weakref.ref(output),
-                output._version,
-                saved,
-                live_output=output if tape.method.monte_carlo else None,
-            )
+        call = _LayerCall(
+            module=module,
+            path=path,
+            rule=rule,
+            input=x.detach(),
+            output=output.detach(),
+            input_edge=_edge(x),
+            version=output._version,
+            forward=forward,
+            saved=saved,
+            live_output=output if forward.method.monte_carlo else None,
         )
-        if output.requires_grad:
-            output.register_hook(partial(_on_output_grad, tape, index))
+        forward.calls.append(call)
+        meta = output.grad_fn.metadata
+        meta.setdefault(_LAYER_TAG, {})[output.output_nr] = call
 
     def on_root_end(self, model, args, output):
-        tape, self.tape = self.tape, None
-        if tape is None:
-            return
-        if not tape.records:
-            return
-        last = tape.records[-1]
-        if not last.produced(output):
-            raise NonChainForwardError(
-                f"forward of {self.root_name} is not a chain: what it returns is not the "
-                f"unmodified output of its last module '{last.path}' (a computation follows it, "
-                "or the model runs under torch.compile, which is not supported)"
-            )
-        trainable = [
-            i
-            for i, r in enumerate(tape.records)
-            if any(p.requires_grad for p in r.module.parameters(recurse=False))
-        ]
-        tape.first = trainable[0] if trainable else len(tape.records)
-        setattr(output, _TAPE_TAG, weakref.ref(tape))
+        forward, self.current = self.current, None
+        if forward is None:
+            return None
+        self.on_exit_root(forward)
+        if forward.method.monte_carlo:
+            if not isinstance(output, Tensor):
+                raise UnsupportedModuleError(
+                    f"GGN-MC needs {self.root_name} to return one tensor (the network output)"
+                )
+            forward.live_output = output
+        return _trace(output, forward)
+
+    def on_exit_root(self, forward: _Forward) -> None:
+        if forward.open_spans:
+            first = forward.open_spans.pop()
+            forward.spans.append((first, torch._C._autograd._get_sequence_nr(), "<root>"))
 
 
-def _on_output_grad(tape: _Tape, index: int, grad: Tensor) -> None:
-    """Backward hook on the output of module ``index``: apply its rule (see module docstring).
-
-    Autocast is switched off: a backward pass started inside an autocast region would otherwise
-    run the rules' products in low precision."""
-    device = grad.device.type
-    if torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
-            return _backpropagate(tape, index, grad)
-    return _backpropagate(tape, index, grad)
+def _edge(x: Tensor) -> tuple | None:
+    """``(node, output_nr)`` of the producer of ``x`` (its AccumulateGrad for a leaf)."""
+    if not x.requires_grad:
+        return None
+    edge = get_gradient_edge(x)
+    return (edge.node, edge.output_nr)
 
 
-def _backpropagate(tape: _Tape, index: int, grad: Tensor) -> None:
-    last = index == len(tape.records) - 1
-    if index < tape.first or tape.busy or (tape.method.monte_carlo and not last):
-        return
-    record = tape.records[index]
-    if record.input is None:
-        raise RuntimeError(
-            "hesscale computes its estimates once per forward pass; run the forward pass again "
-            "before another backward through the same graph"
-        )
-    if last and tape.loss is None:
-        raise RuntimeError(
-            "an estimate was requested, but no extended loss consumed the model's output: "
-            "call loss_fn = hesscale.extend(loss_fn) and apply it directly to the model's output"
-        )
-    if tape.method.monte_carlo:
-        factors = tape.loss.factors(tape.options.samples, tape.options.generator)
-        tape.busy = True
-        try:
-            sampled = sampled_ggn_diagonals(
-                tape.records, record.live_output, factors, tape.options.individual, tape.dtype
-            )
-        finally:
-            tape.busy = False
-        for layer, estimates in sampled:
-            if tape.loss_factor is not None:
-                estimates = {k: v * tape.loss_factor for k, v in estimates.items()}
-            _store(tape, layer, estimates)
-        _release(tape)
-        return
-    if last:
-        s_out = tape.loss.curvature(tape.method, tape.dtype)
-        if tape.loss_factor is not None:
-            s_out = s_out * tape.loss_factor
-    else:
-        s_out = tape.pending.pop(index)
-    dtype = tape.dtype  # under autocast, the curvature pass runs in the parameters' dtype
-    ctx = LayerContext(
-        module=record.module,
-        input=_as(record.input, dtype),
-        output=_as(record.output, dtype),
-        grad_output=_as(grad, dtype),
-        curvature_output=_as(s_out, dtype),
-        saved=record.saved,
-        method=tape.method,
-        need_input_curvature=index > tape.first,
-        individual=tape.options.individual,
-        workspace=(
-            tape.workspaces.get(record.module)
-            if tape.options.reuse_buffers and not tape.options.individual
-            else None
-        ),
-    )
-    result: Backprop = record.rule.backprop(ctx)
-    if index > tape.first:
-        if result.curvature_input is None:
-            raise RuntimeError(f"the rule of '{record.path}' returned no input curvature")
-        tape.pending[index - 1] = result.curvature_input
-    _store(tape, record, result.parameters)
-    record.input = record.output = record.saved = None
-    if index == tape.first:
-        _release(tape)
-
-
-def _release(tape: _Tape) -> None:
-    """The pass is over: drop every tensor the tape kept (and so any reference cycle)."""
-    for r in tape.records:
-        r.input = r.output = r.saved = r.live_output = None
-    tape.loss = None
-    tape.pending.clear()
-
-
-def _as(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``t`` in ``dtype`` when both are floating and differ (mixed precision), else ``t``."""
-    if dtype is None or t.dtype == dtype or not t.is_floating_point():
-        return t
-    return t.to(dtype)
-
-
-def _store(tape: _Tape, record: _Record, estimates: dict[str, Tensor]) -> None:
-    """Write estimates to ``p.hess_diag``, tagged with the tape's id; shapes are checked."""
-    individual = tape.options.individual
-    for name, estimate in estimates.items():
-        param = getattr(record.module, name)
-        if param is None or not param.requires_grad:
-            continue
-        expected = (len(record.input), *param.shape) if individual else param.shape
-        if estimate.shape != expected:
-            raise RuntimeError(
-                f"the rule of '{record.path}' returned an estimate of shape "
-                f"{tuple(estimate.shape)} for '{name}', expected {tuple(expected)}"
-                + (" (per example: does the rule support individual=True?)" if individual else "")
-            )
-        setattr(param, ESTIMATE_ATTRIBUTE, estimate.detach())
-        setattr(param, _ESTIMATE_ID, tape.id)
-        setattr(param, _LOSS_FACTOR, tape.loss_factor)
-        hooks = getattr(param, _ESTIMATE_HOOKS, None) if tape.options.announce else None
-        if hooks:
-            for hook in tuple(hooks.values()):
-                hook(param)
+def _trace(output, forward: _Forward):
+    """The forward's output(s) as ``_Traced`` tensors marked in the graph; containers (tuples,
+    lists, dicts and Hugging Face ``ModelOutput``s) are traced element by element."""
+    if isinstance(output, Tensor):
+        if not output.requires_grad or isinstance(output, _Traced):
+            return output
+        with torch._C.DisableTorchFunctionSubclass():
+            traced = output.as_subclass(_Traced)
+        traced.grad_fn.metadata[_OUTPUT_TAG] = forward
+        return traced
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
+        return type(output)(*(_trace(o, forward) for o in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(_trace(o, forward) for o in output)
+    if isinstance(output, dict):
+        for key in list(output.keys()):
+            output[key] = _trace(output[key], forward)
+        return output
+    return output
 
 
 def _on_loss(module, args, kwargs, output):
-    """Forward hook of an extended loss: tell each producing tape how to get its ``ŝ``.
-
-    The loss value may be scaled before the backward pass (``(c * loss).backward()``, a
-    ``GradScaler``, a sum of losses): a hook on it receives ``c = ∂(backpropagated)/∂L``, and the
-    curvature is that of ``c · L``, consistent with the gradients the backward pass computes.
-    """
-    rule = getattr(module, _LOSS_STATE)
+    """Forward hook of an extended loss on a network output: record the call (GGN-MC samples
+    factors of its Hessian) and, on its value, the factor ``c = ∂(backpropagated)/∂L`` by which
+    the backward pass scales it (``(c * loss).backward()``, a GradScaler)."""
     bound = bind_loss_arguments(module, args, kwargs)
     consumers = []
-    for role in rule.roles:
+    for role in ("input", "var"):
         tensor = bound.get(role)
-        tag = getattr(tensor, _TAPE_TAG, None) if isinstance(tensor, Tensor) else None
-        tape = tag() if tag is not None else None
-        if tape is not None and tape.records and tape.records[-1].produced(tensor):
-            arguments = {k: v.detach() if isinstance(v, Tensor) else v for k, v in bound.items()}
-            tape.loss = _LossCall(module, arguments, role)
-            consumers.append(tape)
+        if not isinstance(tensor, _Traced) or tensor.grad_fn is None:
+            continue
+        forward = tensor.grad_fn.metadata.get(_OUTPUT_TAG)
+        if forward is None:
+            continue
+        arguments = {
+            k: _plain(v.detach()) if isinstance(v, Tensor) else v for k, v in bound.items()
+        }
+        forward.loss = _LossCall(module, arguments, role)
+        consumers.append(forward)
     if consumers and isinstance(output, Tensor) and output.requires_grad:
         output.register_hook(partial(_set_loss_factor, consumers))
 
 
-def _set_loss_factor(tapes: list[_Tape], grad: Tensor) -> None:
-    for tape in tapes:
-        tape.loss_factor = grad.detach()
+def _set_loss_factor(forwards: list[_Forward], grad: Tensor) -> None:
+    for forward in forwards:
+        forward.loss_factor = _plain(grad.detach())
 
 
 def extend(module: nn.Module) -> nn.Module:
-    """Prepare a model or a loss for HesScale estimates; returns ``module``; idempotent.
+    """Prepare a model (or a loss, for GGN-MC) for HesScale estimates; returns it; idempotent.
 
-    A model must be a chain of supported leaf modules (``nn.Sequential``, nested Sequentials, or
-    custom modules whose forward applies their submodules one after another); a loss must be one
-    of the supported losses with ``reduction='mean'`` or ``'sum'``.
+    A model's ``forward`` may be any Python code over operations with a rule; the operations are
+    checked when the first estimate is computed. A loss needs ``extend`` only for GGN-MC (and
+    the GradScaler path that unscales estimates after ``scaler.unscale_``); it must be one of
+    the supported losses with ``reduction='mean'`` or ``'sum'``.
 
     Raises:
-        UnsupportedModuleError: naming the offending module's path and type and listing what is
+        UnsupportedModuleError: naming the offending module's path and type and saying what is
             supported.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"extend expects an nn.Module, got {type(module).__name__}")
     if is_loss(module):
+        check_loss(module)
         if not hasattr(module, _LOSS_STATE):
-            setattr(module, _LOSS_STATE, loss_rule_for(module))
+            setattr(module, _LOSS_STATE, True)
             module.register_forward_hook(_on_loss, with_kwargs=True)
         return module
     if hasattr(module, _STATE):
         return module
     if type(module).__name__ == "OptimizedModule" or hasattr(module, "_orig_mod"):
         raise UnsupportedModuleError(
-            "extend() got a torch.compile'd model: compiled graphs bypass the per-module hooks "
-            "that record the forward pass. Extend and train the uncompiled model."
+            "extend() got a torch.compile'd model: compiled graphs bypass the hooks that "
+            "record the forward pass. Extend and train the uncompiled model."
         )
     state = _ModelState(module)
     module.register_forward_pre_hook(state.on_root_start)
-    for leaf in state.rules:
-        leaf.register_forward_hook(state.on_leaf)
+    for sub, path in state.paths.items():
+        if sub is module:
+            continue
+        if sub in state.layers:
+            sub.register_forward_hook(state.on_layer)
+        else:
+            sub.register_forward_pre_hook(state.on_enter)
+            sub.register_forward_hook(state.on_exit)
+    if module in state.layers:
+        module.register_forward_hook(state.on_layer)
     module.register_forward_hook(state.on_root_end)
     setattr(module, _STATE, state)
     return module
@@ -488,7 +857,8 @@ def register_estimate_hook(param: Tensor, hook) -> RemovableHandle:
 
 
 def loss_factor(param: Tensor) -> Tensor | None:
-    """The factor ``c`` of the backpropagated ``c · L`` behind ``param.hess_diag``."""
+    """The factor ``c`` of the backpropagated ``c · L`` behind ``param.hess_diag`` (recorded
+    when an extended loss was applied to the network output)."""
     return getattr(param, _LOSS_FACTOR, None)
 
 
@@ -522,12 +892,17 @@ def backpropagated_diagonal(
     """The engine's estimate for one batch: ``(loss, {name: estimate})``; see :func:`diagonal`."""
     config = get_method(method)
     extend(model)
-    extend(loss_fn)
-    if config.monte_carlo and isinstance(loss_fn, nn.NLLLoss):
-        raise UnsupportedModuleError(
-            "GGN-MC splits the network at its logits: use CrossEntropyLoss on the logits "
-            "instead of LogSoftmax followed by NLLLoss"
-        )
+    if config.monte_carlo:
+        if not isinstance(loss_fn, nn.Module):
+            raise UnsupportedModuleError("GGN-MC needs a loss module (e.g. nn.CrossEntropyLoss)")
+        extend(loss_fn)
+        if isinstance(loss_fn, nn.NLLLoss):
+            raise UnsupportedModuleError(
+                "GGN-MC splits the network at its logits: use CrossEntropyLoss on the logits "
+                "instead of LogSoftmax followed by NLLLoss"
+            )
+    elif isinstance(loss_fn, nn.Module) and is_loss(loss_fn):
+        check_loss(loss_fn)
     options = _Options(
         individual=individual,
         samples=samples,
@@ -537,17 +912,16 @@ def backpropagated_diagonal(
     )
     with _forced(model, config, options):
         output = model(inputs)
-    tag = getattr(output, _TAPE_TAG, None)
-    tape = tag() if tag is not None else None
     loss = loss_fn(output, target, **loss_kwargs)
+    before = _last_pass_id
     loss.backward()
+    pass_id = _last_pass_id if _last_pass_id != before else None
     result = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            fresh = tape is not None and estimate_id(p) == tape.id
-            if fresh:
+            if pass_id is not None and estimate_id(p) == pass_id:
                 result[name] = getattr(p, ESTIMATE_ATTRIBUTE)
             else:  # not reached by the loss: a zero diagonal
                 shape = (len(inputs), *p.shape) if individual else p.shape
                 result[name] = p.new_zeros(shape)
-    return loss.detach(), result
+    return _plain(loss.detach()), result

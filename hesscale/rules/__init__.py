@@ -1,17 +1,35 @@
-"""HesScale rules, one module per layer family; importing this package registers them all."""
+"""HesScale rules, one module per operation family; importing this package registers them all."""
 
-from . import conv, elementwise, linear, pooling, reshape, softmax  # noqa: F401  (registration)
-from ._registry import Backprop, LayerContext, Rule, register_rule, rule_for, supported_types
-from .losses import LOSSES, LossRule, loss_rule_for
+from . import (  # noqa: F401  (registration)
+    arithmetic,
+    conv,
+    elementwise,
+    linear,
+    losses,
+    pooling,
+    shape,
+    softmax,
+)
+from ._registry import (
+    Backprop,
+    LayerContext,
+    NodeContext,
+    Rule,
+    layer_rule_for,
+    node_rule_for,
+    register_rule,
+    supported_operations,
+    supported_types,
+)
 
 __all__ = [
     "Backprop",
     "LayerContext",
-    "LOSSES",
-    "LossRule",
+    "NodeContext",
     "Rule",
-    "loss_rule_for",
+    "layer_rule_for",
+    "node_rule_for",
     "register_rule",
-    "rule_for",
+    "supported_operations",
     "supported_types",
 ]

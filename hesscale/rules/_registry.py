@@ -1,8 +1,20 @@
-"""The registry that maps a module type to its HesScale rule.
+"""The registries of HesScale rules: one for autograd operations, one for layers.
 
-A rule is a pure function of what a module saw in the forward pass and what reaches it in the
-backward pass (:class:`LayerContext`). It returns the curvature estimate with respect to the
-module's input and the estimates of the module's own parameters (:class:`Backprop`).
+The engine follows autograd's graph of the backward pass (see :mod:`hesscale._engine`). At every
+node it applies an **operation rule**, a pure function of what the node saved in the forward
+pass and of what reaches its outputs in the backward pass (:class:`NodeContext`): the gradient
+``g`` and the curvature estimate ``ŝ`` at each output. The rule returns ``ŝ`` at each input,
+
+    ŝ_x = (J∘J)ᵀ ŝ_y + [second_order] Σ_k g_k diag(∇²_x f_k),
+
+which is exact for the operation given a diagonal Hessian at its outputs. Operation rules are
+keyed by the autograd node's class name (``"TanhBackward0"``) or, for a custom
+``torch.autograd.Function``, by the Function class.
+
+A **layer rule** (:class:`LayerContext`) replaces the operations inside a module by one rule that
+sees the module's input, output, gradient and curvature: for a user's own layer whose operations
+have no rule, and for the layers whose parameters need per-example estimates
+(``individual=True``) or GGN-MC (Linear, convolutions).
 """
 
 from __future__ import annotations
@@ -10,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from .._errors import UnsupportedModuleError
@@ -18,7 +31,7 @@ from .._methods import Method
 
 @dataclass(frozen=True)
 class LayerContext:
-    """What a rule sees of one module call.
+    """What a layer rule sees of one module call.
 
     Attributes:
         module: the module.
@@ -28,14 +41,18 @@ class LayerContext:
         curvature_output: the estimate ``ŝ_y`` of the diagonal of ``∂²L/∂y²``, shaped like
             ``output`` (per example, before summing over the batch).
         method: the switches of the shared rule.
-        need_input_curvature: whether ``ŝ_x`` is needed (False for the first layer).
+        need_input_curvature: whether ``ŝ_x`` is needed (False when no trainable parameter
+            lies before the module).
         individual: return parameter estimates per example, shaped ``(N, *param.shape)``,
             instead of their sum over the batch.
         saved: what the rule's ``capture`` function kept in the forward pass (or None).
         workspace: a dict that persists across calls for this module, for buffers that a rule
             may overwrite in place (see :func:`buffer`), or None when results must be fresh
-            tensors (``hesscale.diagonal``). On CPU, reusing parameter-sized buffers avoids
-            page-faulting fresh memory every step, which costs more than the arithmetic.
+            tensors (``hesscale.diagonal``, or a module called several times in one pass). On
+            CPU, reusing parameter-sized buffers avoids page-faulting fresh memory every step,
+            which costs more than the arithmetic.
+        second_order: keep the second-order terms ``Σ_k g_k ∇²f_k`` of the layer (False for
+            HesScaleGN inside the network).
     """
 
     module: nn.Module
@@ -48,24 +65,70 @@ class LayerContext:
     individual: bool = False
     workspace: dict | None = None
     saved: object = None
+    second_order: bool = True
 
 
 @dataclass(frozen=True)
 class Backprop:
-    """What a rule returns: ``ŝ_x`` (or None when not needed) and parameter estimates by name."""
+    """What a layer rule returns: ``ŝ_x`` (or None when not needed) and parameter estimates."""
 
     curvature_input: Tensor | None
     parameters: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NodeContext:
+    """What an operation rule sees of one autograd node.
+
+    Attributes:
+        node: the autograd node; what the forward saved is ``node._saved_<name>`` (read it
+            through :meth:`saved`, which keeps the curvature pass in the parameters' dtype),
+            for a custom Function ``node.saved_tensors`` and whatever its forward set on ``ctx``.
+        grad_outputs: ``g`` at each output of the operation (None: no gradient reached it).
+        curvature_outputs: ``ŝ`` at each output (None: exactly zero, e.g. right below the
+            loss value, whose Hessian with respect to itself is zero).
+        needs: for each input (``node.next_functions``), whether its ``ŝ`` is needed.
+        second_order: keep the term ``Σ_k g_k ∇²f_k``. False inside the network under
+            HesScaleGN; always True on the loss side of the network output.
+        method: the estimation method (BL89 changes the softmax rules).
+        dtype: the parameters' dtype, in which the curvature pass runs (mixed precision).
+    """
+
+    node: object
+    grad_outputs: tuple
+    curvature_outputs: tuple
+    needs: tuple
+    second_order: bool
+    method: Method
+    dtype: torch.dtype | None = None
+
+    def saved(self, name: str):
+        """``node._saved_<name>``, floating tensors cast to the pass's dtype."""
+        value = getattr(self.node, f"_saved_{name}")
+        if isinstance(value, Tensor) and value.is_floating_point() and self.dtype is not None:
+            return value.to(self.dtype) if value.dtype != self.dtype else value
+        return value
+
+    @property
+    def g(self) -> Tensor | None:
+        """The gradient at the (first) output."""
+        return self.grad_outputs[0]
+
+    @property
+    def s(self) -> Tensor | None:
+        """The curvature at the (first) output."""
+        return self.curvature_outputs[0]
+
+
 RuleFn = Callable[[LayerContext], Backprop]
+NodeRuleFn = Callable[[NodeContext], tuple]
 CheckFn = Callable[[nn.Module], str | None]
 CaptureFn = Callable[[nn.Module, Tensor, Tensor], object]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A registered rule: the backpropagation function and a setup-time configuration check.
+    """A registered layer rule: the backpropagation function and a setup-time check.
 
     ``check(module)`` returns None when the configuration is supported, else a sentence that
     says what is not supported. ``capture(module, input, output)``, if given, runs in the
@@ -78,50 +141,77 @@ class Rule:
     capture: CaptureFn | None = None
 
 
-_RULES: dict[type[nn.Module], Rule] = {}
+_LAYER_RULES: dict[type[nn.Module], Rule] = {}
+_NODE_RULES: dict[object, NodeRuleFn] = {}
 
 
-def register_rule(
-    module_type: type[nn.Module],
-    backprop: RuleFn,
-    check: CheckFn | None = None,
-    capture: CaptureFn | None = None,
-):
-    """Register the HesScale rule of a layer type (the one documented way to add a layer).
+def register_rule(target, backprop, check: CheckFn | None = None, capture: CaptureFn | None = None):
+    """Register the HesScale rule of a layer type or of a custom autograd Function.
 
     Args:
-        module_type: the ``nn.Module`` subclass; exact type match, subclasses need their own.
-        backprop: ``backprop(ctx: LayerContext) -> Backprop``. It must return the estimate
+        target: an ``nn.Module`` subclass (exact type match: subclasses need their own) or a
+            ``torch.autograd.Function`` subclass.
+        backprop: for a layer, ``backprop(ctx: LayerContext) -> Backprop``: the estimate
             ``ŝ_x`` of the diagonal of ``∂²L/∂x²`` (per example, shaped like ``ctx.input``;
             None is allowed when ``ctx.need_input_curvature`` is False) and, for each parameter
-            name of the module, the estimate of ``∂²L/∂θ²`` summed over the batch.
-        check: optional ``check(module) -> str | None`` run by ``extend``: a returned sentence
-            makes ``extend`` raise :class:`UnsupportedModuleError` with it.
-        capture: optional ``capture(module, input, output) -> object`` run in the forward pass;
-            its result is ``ctx.saved``.
+            name of the module, the estimate of ``∂²L/∂θ²`` summed over the batch. The rule
+            replaces everything the module computes, so its operations need no rules. For a
+            Function, ``backprop(ctx: NodeContext) -> tuple``: one ``ŝ`` (or None) per input
+            of ``forward``, in order, as its ``backward`` returns gradients.
+        check: layers only: ``check(module) -> str | None`` run by ``extend``; a returned
+            sentence makes ``extend`` raise :class:`UnsupportedModuleError` with it.
+        capture: layers only: ``capture(module, input, output) -> object`` run in the forward
+            pass; its result is ``ctx.saved``.
     """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
-    _RULES[module_type] = Rule(backprop, check, capture)
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        _LAYER_RULES[target] = Rule(backprop, check, capture)
+    elif isinstance(target, type) and issubclass(target, torch.autograd.Function):
+        if check is not None or capture is not None:
+            raise TypeError("check and capture apply to layer rules, not to Function rules")
+        _NODE_RULES[target] = backprop
+    else:
+        raise TypeError(
+            "register_rule expects an nn.Module or torch.autograd.Function subclass, "
+            f"got {target!r}"
+        )
+
+
+def operation_rule(*names: str):
+    """Decorator: register a built-in operation rule under autograd node class names."""
+
+    def register(fn: NodeRuleFn) -> NodeRuleFn:
+        for name in names:
+            _NODE_RULES[name] = fn
+        return fn
+
+    return register
+
+
+def node_rule_for(node) -> NodeRuleFn | None:
+    """The rule of an autograd node, or None (custom Functions by class, others by name)."""
+    forward_cls = getattr(type(node), "_forward_cls", None)
+    if forward_cls is not None:
+        return _NODE_RULES.get(forward_cls)
+    return _NODE_RULES.get(type(node).__name__)
 
 
 def supported_types() -> list[str]:
-    """Names of the module types that have a rule."""
-    return sorted(t.__name__ for t in _RULES)
+    """Names of the layer types with a layer rule."""
+    return sorted(t.__name__ for t in _LAYER_RULES)
 
 
-def rule_for(module: nn.Module, path: str) -> Rule:
-    """The rule of ``module``; raises :class:`UnsupportedModuleError` naming ``path``."""
-    rule = _RULES.get(type(module))
-    where = f"module '{path}' ({type(module).__name__})" if path else type(module).__name__
-    if rule is None:
-        raise UnsupportedModuleError(
-            f"{where} has no HesScale rule. Supported layers: {', '.join(supported_types())}. "
-            "Register a rule for your own layer with hesscale.register_rule(LayerType, rule)."
-        )
-    if rule.check is not None:
+def supported_operations() -> list[str]:
+    """Names of the autograd operations with a rule (custom Functions by class name)."""
+    return sorted(k if isinstance(k, str) else k.__name__ for k in _NODE_RULES)
+
+
+def layer_rule_for(module: nn.Module, path: str) -> Rule | None:
+    """The layer rule of ``module`` (None if it has none); raises on a refused configuration."""
+    rule = _LAYER_RULES.get(type(module))
+    if rule is not None and rule.check is not None:
         problem = rule.check(module)
         if problem is not None:
+            where = f"module '{path}' ({type(module).__name__})" if path else type(module).__name__
             raise UnsupportedModuleError(f"{where}: {problem}")
     return rule
 
@@ -153,14 +243,34 @@ def squared(t: Tensor) -> Tensor:
     return t * t
 
 
+def input_shape(ctx: NodeContext, index: int) -> tuple[int, ...]:
+    """The shape of the node's input ``index``: what its gradient is summed down to."""
+    child, nr = ctx.node.next_functions[index]
+    return tuple(child._input_metadata[nr].shape)
+
+
+def sum_to(t: Tensor | None, shape) -> Tensor | None:
+    """``t`` summed over broadcast dimensions down to ``shape`` (the transpose of broadcasting,
+    whose Jacobian entries are 0 or 1, so it maps curvature as it maps gradients)."""
+    if t is None or tuple(t.shape) == tuple(shape):
+        return t
+    return t.sum_to_size(shape)
+
+
 __all__ = [
     "Backprop",
     "LayerContext",
+    "NodeContext",
     "Rule",
-    "register_rule",
-    "rule_for",
-    "supported_types",
-    "no_inplace",
-    "squared",
     "buffer",
+    "input_shape",
+    "layer_rule_for",
+    "no_inplace",
+    "node_rule_for",
+    "operation_rule",
+    "register_rule",
+    "squared",
+    "sum_to",
+    "supported_operations",
+    "supported_types",
 ]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Backprop, LayerContext, register_rule, squared
+from ._registry import Backprop, LayerContext, NodeContext, operation_rule, register_rule, squared
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -39,12 +39,34 @@ def _explicit_padding(module: nn.Module) -> list[tuple[int, int]]:
     return [(p, p) for p in module.padding]
 
 
+def convolution_curvatures(
+    s_out, h, weight, stride, padding, dilation, transposed, output_padding, groups,
+    need_input: bool, need_weight: bool, need_bias: bool,
+):
+    """Eq. 8–9: ``(ŝ_h, ŝ_W, ŝ_b)`` by one ``aten.convolution_backward`` on ``ŝ`` with ``h²``
+    and ``W²`` (symmetric zero padding)."""
+    return torch.ops.aten.convolution_backward(
+        s_out,
+        squared(h),
+        squared(weight),
+        [weight.shape[1] * groups if transposed else weight.shape[0]] if need_bias else None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        transposed,
+        list(output_padding),
+        groups,
+        [need_input, need_weight, need_bias],
+    )
+
+
 def conv_rule(ctx: LayerContext) -> Backprop:
-    """Eq. 8–9 by ``aten.convolution_backward``; ``h: (N, C_in, *S)``, ``ŝ_a: (N, C_out, *S')``."""
+    """Eq. 8–9 for a convolution module; ``h: (N, C_in, *S)``, ``ŝ_a: (N, C_out, *S')``."""
     module = ctx.module
     transposed = isinstance(module, TRANSPOSED)
-    h_sq = squared(ctx.input)
+    h = ctx.input
     spatial = len(module.kernel_size)
+    crop = None
     if transposed:
         padding = list(module.padding)
         # output_padding may come from an output_size argument of forward: read it off the shapes.
@@ -59,38 +81,27 @@ def conv_rule(ctx: LayerContext) -> Backprop:
                 module.kernel_size,
             )
         ]
-        crop = None
     else:
         pads = _explicit_padding(module)
         output_padding = [0] * spatial
         if all(left == right for left, right in pads):
-            padding, crop = [left for left, _ in pads], None
+            padding = [left for left, _ in pads]
         else:  # asymmetric 'same': pad explicitly, convolve unpadded, crop ŝ_h back afterwards
             flat = [p for left_right in reversed(pads) for p in left_right]
-            h_sq = F.pad(h_sq, flat)
+            h = F.pad(h, flat)
             padding, crop = [0] * spatial, [-p for p in flat]
     has_bias = module.bias is not None
-    w_sq = squared(module.weight)
 
-    def backward(s_out, h_sq, need_input, need_params=True):
-        return torch.ops.aten.convolution_backward(
-            s_out,
-            h_sq,
-            w_sq,
-            [module.out_channels] if has_bias else None,
-            list(module.stride),
-            padding,
-            list(module.dilation),
-            transposed,
-            output_padding,
-            module.groups,
-            [need_input, need_params, need_params and has_bias],
+    def backward(s_out, h, need_input, need_params=True):
+        return convolution_curvatures(
+            s_out, h, module.weight, module.stride, padding, module.dilation, transposed,
+            output_padding, module.groups, need_input, need_params, need_params and has_bias,
         )
 
     s_out = ctx.curvature_output
-    s_in, s_w, s_b = backward(s_out, h_sq, ctx.need_input_curvature, not ctx.individual)
+    s_in, s_w, s_b = backward(s_out, h, ctx.need_input_curvature, not ctx.individual)
     if ctx.individual:  # one weight backward per example
-        parts = [backward(s_out[i : i + 1], h_sq[i : i + 1], False) for i in range(len(s_out))]
+        parts = [backward(s_out[i : i + 1], h[i : i + 1], False) for i in range(len(s_out))]
         s_w = torch.stack([p[1] for p in parts])
         s_b = torch.stack([p[2] for p in parts]) if has_bias else None
     if s_in is not None and crop is not None:
@@ -99,6 +110,29 @@ def conv_rule(ctx: LayerContext) -> Backprop:
     if has_bias:
         params["bias"] = s_b
     return Backprop(s_in, params)
+
+
+@operation_rule("ConvolutionBackward0")
+def convolution_node_rule(ctx: NodeContext):
+    """``F.conv*d``/``F.conv_transpose*d`` outside a convolution module: Eq. 8–9 from what the
+    node saved (input, weight, stride, padding, dilation, groups, transposition)."""
+    if ctx.s is None:
+        return None, None, None
+    node = ctx.node
+    return convolution_curvatures(
+        ctx.s,
+        ctx.saved("input"),
+        ctx.saved("weight"),
+        node._saved_stride,
+        node._saved_padding,
+        node._saved_dilation,
+        node._saved_transposed,
+        node._saved_output_padding,
+        node._saved_groups,
+        ctx.needs[0],
+        ctx.needs[1],
+        len(ctx.needs) > 2 and ctx.needs[2],
+    )
 
 
 def check_conv(module: nn.Module) -> str | None:

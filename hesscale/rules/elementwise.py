@@ -1,19 +1,20 @@
-"""HesScale rule of element-wise activations: a table of first and second derivatives.
+"""HesScale rule of element-wise functions: a table of first and second derivatives.
 
 For ``h = σ(a)`` applied element-wise, Eq. 4 of the paper reads
 
-    ŝ_a = σ'(a)² ⊙ ŝ_h + [second_order_term] · σ''(a) ⊙ g_h,
+    ŝ_a = σ'(a)² ⊙ ŝ_h + [second_order] · σ''(a) ⊙ g_h,
 
 where ``ŝ_h`` already holds the sum ``Σ_k ŝ_{next,k} W_{k,i}²`` of the following layer and
-``g_h = ∂L/∂h``. HesScaleGN drops the σ'' term; for piecewise-linear activations σ'' = 0 almost
-everywhere, so both variants coincide.
+``g_h = ∂L/∂h``. HesScaleGN drops the σ'' term inside the network; for piecewise-linear functions
+σ'' = 0 almost everywhere, so both variants coincide. The rule is exact given a diagonal ``ŝ_h``.
 
-Each table entry gives ``σ'`` and ``σ''`` as functions of the module (for its settings), the input
-``a`` and the output ``h`` (whichever is cheaper). They must return fresh tensors: the rule
-combines them in place, since on CPU every temporary of activation size costs more than the
-arithmetic. An entry may also give ``σ'(a)² ⊙ ŝ`` in one go (``square_times``): for
-piecewise-linear activations, ATen's fused backward kernels (``σ' ⊙ v``) apply it many times
-faster than a ``torch.where`` over the activation.
+Each table entry is keyed by the autograd node of the function (``nn.Tanh``, ``torch.tanh`` and
+``x.tanh()`` all make a ``TanhBackward0``) and gives ``σ'`` and ``σ''`` from what the node saved
+(the input ``a`` as ``self`` or the output ``h`` as ``result``, whichever autograd keeps, and
+the function's settings). They must return fresh tensors: the rule combines them in place, since
+on CPU every temporary of activation size costs more than the arithmetic. An entry may instead
+give ``σ'(a)² ⊙ ŝ`` in one go (``square_times``): for piecewise-linear functions, ATen's fused
+backward kernels (``σ' ⊙ v``) apply it many times faster than a ``torch.where``.
 """
 
 from __future__ import annotations
@@ -23,47 +24,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._registry import Backprop, LayerContext, no_inplace, register_rule
+from ._registry import NodeContext, operation_rule
 
-Derivative = Callable[[nn.Module, Tensor, Tensor], Tensor]
+Derivative = Callable[[NodeContext], Tensor]
 
 
 @dataclass(frozen=True)
-class Activation:
-    """A table entry: ``df(module, a, h) = σ'(a)``, ``d2f(module, a, h) = σ''(a)``."""
+class Elementwise:
+    """A table entry: ``df(ctx) = σ'(a)``, ``d2f(ctx) = σ''(a)`` (None: zero)."""
 
-    df: Derivative
-    d2f: Derivative
-    piecewise_linear: bool = False
-    square_times: Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor] | None = None
-
-
-def _zero(module, a, h):
-    return torch.zeros_like(a)
+    df: Derivative | None
+    d2f: Derivative | None
+    square_times: Callable[[NodeContext, Tensor], Tensor] | None = None
 
 
-def _step(a: Tensor, positive: float, negative: float) -> Tensor:
-    """``positive`` where ``a > 0``, else ``negative``, in ``a``'s dtype (no float32 detour)."""
-    return torch.where(a > 0, a.new_full((), positive), a.new_full((), negative))
-
-
-def _elu_negative(module, a, h):
-    """α·eᵃ on the negative side, which equals ``h + α`` there."""
-    return h + module.alpha
-
-
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
+_aten = torch.ops.aten
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_K = 0.044715
 
 
-def _gelu_parts(module, a):
+def _gelu_parts(ctx):
     """σ', σ'' of GELU, exact (erf) or with the tanh approximation."""
-    if module.approximate == "tanh":
+    a = ctx.saved("self")
+    if ctx.saved("approximate") == "tanh":
         u = _GELU_C * (a + _GELU_K * a**3)
         du = _GELU_C * (1 + 3 * _GELU_K * a**2)
         d2u = _GELU_C * 6 * _GELU_K * a
@@ -77,107 +63,160 @@ def _gelu_parts(module, a):
     return cdf + a * pdf, pdf * (2 - a * a)
 
 
-def _softplus_sigmoid(module, a):
-    """σ(βa) where the softplus is smooth; inside the linear region (βa > threshold) σ' = 1."""
-    return torch.sigmoid(module.beta * a), module.beta * a > module.threshold
+def _softplus_parts(ctx):
+    """σ(βa) where softplus is smooth; above the threshold it is linear (σ' = 1, σ'' = 0)."""
+    a, beta = ctx.saved("self"), ctx.saved("beta")
+    sig = torch.sigmoid(beta * a)
+    linear = beta * a > ctx.saved("threshold")
+    df = torch.where(linear, torch.ones_like(sig), sig)
+    d2f = torch.where(linear, torch.zeros_like(sig), beta * sig * (1 - sig))
+    return df, d2f
 
 
-def _softplus_df(module, a, h):
-    sig, linear = _softplus_sigmoid(module, a)
-    return torch.where(linear, torch.ones_like(sig), sig)
+def _elu_parts(ctx):
+    """ELU/SELU/CELU as autograd runs them: ``scale · a`` for a > 0, else
+    ``scale · α (e^{c a} − 1)`` with ``c`` the input scale: σ' = scale·α·c·e^{ca}, σ'' = c σ'."""
+    a = ctx.saved("self")
+    alpha, scale, c = ctx.saved("alpha"), ctx.saved("scale"), ctx.saved("input_scale")
+    negative = scale * alpha * c * torch.exp(c * torch.clamp(a, max=0))
+    positive = a > 0
+    df = torch.where(positive, torch.full_like(a, scale), negative)
+    d2f = torch.where(positive, torch.zeros_like(a), negative * c)
+    return df, d2f
 
 
-def _softplus_d2f(module, a, h):
-    sig, linear = _softplus_sigmoid(module, a)
-    return torch.where(linear, torch.zeros_like(sig), module.beta * sig * (1 - sig))
-
-
-def _silu_d2f(module, a, h):
+def _silu_parts(ctx):
+    a = ctx.saved("self")
     sig = torch.sigmoid(a)
-    return sig * (1 - sig) * (2 + a * (1 - 2 * sig))
+    return sig * (1 + a * (1 - sig)), sig * (1 - sig) * (2 + a * (1 - 2 * sig))
 
 
-_aten = torch.ops.aten
+def _pow_parts(ctx):
+    """``a^p``: σ' = p a^{p−1}, σ'' = p (p − 1) a^{p−2}."""
+    a, p = ctx.saved("self"), ctx.saved("exponent")
+    p = float(p)
+    return p * a ** (p - 1), p * (p - 1) * a ** (p - 2) if p != 1 else torch.zeros_like(a)
 
 
-def _relu_square_times(module, a, h, s):
-    """``1[a > 0] ⊙ s`` (σ' ∈ {0, 1}, so σ'² = σ')."""
-    return _aten.threshold_backward(s, a, 0)
+def _first(parts):
+    return lambda ctx: parts(ctx)[0]
 
 
-def _leaky_relu_square_times(module, a, h, s):
-    """``s`` where ``a > 0``, else ``slope² · s``."""
-    return _aten.leaky_relu_backward(s, a, module.negative_slope**2, False)
+def _second(parts):
+    return lambda ctx: parts(ctx)[1]
 
 
-def _hardtanh_square_times(module, a, h, s):
-    """``1[min < a < max] ⊙ s``; ReLU6 is Hardtanh(0, 6)."""
-    return _aten.hardtanh_backward(s, a, module.min_val, module.max_val)
+def _mask(condition):
+    """A piecewise-linear function with slope 1 where ``condition(ctx)`` holds, else 0."""
+    return lambda ctx: condition(ctx).to(ctx.dtype or torch.get_default_dtype())
 
 
-def _elu_square_times(module, a, h, s):
-    """``σ' ⊙ (σ' ⊙ s)`` with σ' = 1 for a > 0, else αeᵃ."""
-    once = _aten.elu_backward(s, module.alpha, 1, 1, False, a)
-    return _aten.elu_backward(once, module.alpha, 1, 1, False, a)
+def _inside(a, ctx):
+    """Where ``clamp(a, min, max)`` passes ``a`` through (a bound may be None)."""
+    low, high = ctx.saved("min"), ctx.saved("max")
+    inside = torch.ones_like(a, dtype=torch.bool)
+    if low is not None:
+        inside &= a >= low
+    if high is not None:
+        inside &= a <= high
+    return inside
 
 
-def _hardtanh_df(module, a, h):
-    return ((a > module.min_val) & (a < module.max_val)).to(a.dtype)
+def _result(ctx):
+    return ctx.saved("result")
 
 
-ACTIVATIONS: dict[type[nn.Module], Activation] = {
-    nn.Tanh: Activation(  # σ' = 1 − h², σ'' = −2h(1 − h²)
-        lambda m, a, h: torch.mul(h, h).neg_().add_(1),
-        lambda m, a, h: torch.mul(h, h).neg_().add_(1).mul_(h).mul_(-2),
+TABLE: dict[str, Elementwise] = {
+    # σ' = 1 − h², σ'' = −2h(1 − h²)
+    "TanhBackward0": Elementwise(
+        lambda c: torch.mul(_result(c), _result(c)).neg_().add_(1),
+        lambda c: torch.mul(_result(c), _result(c)).neg_().add_(1).mul_(_result(c)).mul_(-2),
     ),
-    nn.Sigmoid: Activation(  # σ' = h − h², σ'' = (h − h²)(1 − 2h)
-        lambda m, a, h: torch.addcmul(h, h, h, value=-1),
-        lambda m, a, h: torch.addcmul(h, h, h, value=-1).mul_(h.mul(-2).add_(1)),
+    # σ' = h − h², σ'' = (h − h²)(1 − 2h)
+    "SigmoidBackward0": Elementwise(
+        lambda c: torch.addcmul(_result(c), _result(c), _result(c), value=-1),
+        lambda c: torch.addcmul(_result(c), _result(c), _result(c), value=-1).mul_(
+            _result(c).mul(-2).add_(1)
+        ),
     ),
-    nn.ReLU: Activation(lambda m, a, h: _step(a, 1.0, 0.0), _zero, True, _relu_square_times),
-    nn.LeakyReLU: Activation(
-        lambda m, a, h: _step(a, 1.0, m.negative_slope), _zero, True, _leaky_relu_square_times
+    # ReLU: σ' ∈ {0, 1}, so σ'² = σ'
+    "ReluBackward0": Elementwise(
+        None, None, lambda c, s: _aten.threshold_backward(s, _result(c), 0)
     ),
-    nn.ReLU6: Activation(
-        lambda m, a, h: ((a > 0) & (a < 6)).to(a.dtype), _zero, True, _hardtanh_square_times
+    "ThresholdBackward0": Elementwise(
+        None,
+        None,
+        lambda c, s: _aten.threshold_backward(s, c.saved("self"), c.saved("threshold")),
     ),
-    nn.Hardtanh: Activation(_hardtanh_df, _zero, True, _hardtanh_square_times),
-    nn.ELU: Activation(
-        lambda m, a, h: torch.where(a > 0, torch.ones_like(h), _elu_negative(m, a, h)),
-        lambda m, a, h: torch.where(a > 0, torch.zeros_like(h), _elu_negative(m, a, h)),
-        square_times=_elu_square_times,
+    "LeakyReluBackward0": Elementwise(
+        None,
+        None,
+        lambda c, s: _aten.leaky_relu_backward(
+            s, c.saved("self"), c.saved("negative_slope") ** 2, False
+        ),
     ),
-    nn.SELU: Activation(
-        lambda m, a, h: _SELU_SCALE * torch.where(a > 0, 1.0, _SELU_ALPHA * torch.exp(a)),
-        lambda m, a, h: torch.where(a > 0, 0.0, _SELU_SCALE * _SELU_ALPHA * torch.exp(a)),
+    # Hardtanh and ReLU6: 1 inside (min, max)
+    "HardtanhBackward0": Elementwise(
+        None,
+        None,
+        lambda c, s: _aten.hardtanh_backward(
+            s, c.saved("self"), c.saved("min_val"), c.saved("max_val")
+        ),
     ),
-    nn.Softplus: Activation(_softplus_df, _softplus_d2f),
-    nn.GELU: Activation(lambda m, a, h: _gelu_parts(m, a)[0], lambda m, a, h: _gelu_parts(m, a)[1]),
-    nn.SiLU: Activation(
-        lambda m, a, h: torch.sigmoid(a) * (1 + a * (1 - torch.sigmoid(a))), _silu_d2f
+    "EluBackward0": Elementwise(_first(_elu_parts), _second(_elu_parts)),
+    "GeluBackward0": Elementwise(_first(_gelu_parts), _second(_gelu_parts)),
+    "SiluBackward0": Elementwise(_first(_silu_parts), _second(_silu_parts)),
+    "SoftplusBackward0": Elementwise(_first(_softplus_parts), _second(_softplus_parts)),
+    # log σ(a): σ' = σ(−a), σ'' = −σ(a)σ(−a)
+    "LogSigmoidBackward0": Elementwise(
+        lambda c: torch.sigmoid(-c.saved("self")),
+        lambda c: -torch.sigmoid(c.saved("self")) * torch.sigmoid(-c.saved("self")),
     ),
-    nn.LogSigmoid: Activation(
-        lambda m, a, h: torch.sigmoid(-a),
-        lambda m, a, h: -torch.sigmoid(a) * torch.sigmoid(-a),
+    "ExpBackward0": Elementwise(lambda c: _result(c).clone(), lambda c: _result(c).clone()),
+    "LogBackward0": Elementwise(
+        lambda c: c.saved("self").reciprocal(), lambda c: c.saved("self").pow(-2).neg_()
     ),
+    "PowBackward0": Elementwise(_first(_pow_parts), _second(_pow_parts)),
+    # √a: σ' = 1/(2h), σ'' = −1/(4h³)
+    "SqrtBackward0": Elementwise(
+        lambda c: _result(c).reciprocal().mul_(0.5), lambda c: _result(c).pow(-3).mul_(-0.25)
+    ),
+    # a^{−1/2}: σ' = −h³/2, σ'' = 3h⁵/4
+    "RsqrtBackward0": Elementwise(
+        lambda c: _result(c).pow(3).mul_(-0.5), lambda c: _result(c).pow(5).mul_(0.75)
+    ),
+    # 1/a: σ' = −h², σ'' = 2h³
+    "ReciprocalBackward0": Elementwise(
+        lambda c: _result(c).pow(2).neg_(), lambda c: _result(c).pow(3).mul_(2)
+    ),
+    "SinBackward0": Elementwise(
+        lambda c: c.saved("self").cos(), lambda c: c.saved("self").sin().neg_()
+    ),
+    "CosBackward0": Elementwise(
+        lambda c: c.saved("self").sin().neg_(), lambda c: c.saved("self").cos().neg_()
+    ),
+    "AbsBackward0": Elementwise(lambda c: c.saved("self").sign(), None),
+    "ClampBackward1": Elementwise(_mask(lambda c: _inside(c.saved("self"), c)), None),
+    "ClampMinBackward0": Elementwise(_mask(lambda c: c.saved("self") >= c.saved("min")), None),
+    "ClampMaxBackward0": Elementwise(_mask(lambda c: c.saved("self") <= c.saved("max")), None),
 }
 
 
-def elementwise_rule(ctx: LayerContext) -> Backprop:
-    """Eq. 4: ``ŝ_a = σ'(a)² ⊙ ŝ_h + [second_order_term] σ''(a) ⊙ g_h`` (shapes of ``a``)."""
-    if not ctx.need_input_curvature:
-        return Backprop(None)
-    act = ACTIVATIONS[type(ctx.module)]
-    a, h = ctx.input, ctx.output
-    if act.square_times is not None:
-        s_in = act.square_times(ctx.module, a, h, ctx.curvature_output)
-    else:
-        df = act.df(ctx.module, a, h)
-        s_in = df.mul_(df).mul_(ctx.curvature_output)
-    if ctx.method.second_order_term and not act.piecewise_linear:
-        s_in.addcmul_(act.d2f(ctx.module, a, h), ctx.grad_output)
-    return Backprop(s_in)
-
-
-for _type in ACTIVATIONS:
-    register_rule(_type, elementwise_rule, no_inplace)
+@operation_rule(*TABLE)
+def elementwise_rule(ctx: NodeContext):
+    """Eq. 4: ``ŝ_a = σ'(a)² ⊙ ŝ_h + [second_order] σ''(a) ⊙ g_h`` (shapes of ``a``)."""
+    if not ctx.needs[0]:
+        return (None,)
+    entry = TABLE[type(ctx.node).__name__]
+    s, g = ctx.s, ctx.g
+    s_in = None
+    if s is not None:
+        if entry.square_times is not None:
+            s_in = entry.square_times(ctx, s)
+        else:
+            df = entry.df(ctx)
+            s_in = df.mul_(df).mul_(s)
+    if ctx.second_order and entry.d2f is not None and g is not None:
+        term = entry.d2f(ctx).mul_(g)
+        s_in = term if s_in is None else s_in.add_(term)
+    return (s_in,)

@@ -1,11 +1,17 @@
-"""HesScale rule of ``nn.Linear`` (Eq. 4–5 of the paper, without the activation factor).
+"""HesScale rules of matrix products: ``nn.Linear`` and ``mm``/``addmm``/``bmm`` (``F.linear``,
+``matmul``, ``einsum``, ``@``), Eq. 4–5 of the paper without the activation factor.
 
-For ``a = W h + b`` applied to the last dimension of ``h``, with every other dimension treated as
-independent positions ``n``:
+For ``Y = A B`` (batched or not), every element of ``Y`` is linear in each factor, so the
+diagonal rule has no second-order term on either factor's diagonal and (J∘J) is the product
+with the other factor squared:
 
-    ŝ_h[n, j] = Σ_i ŝ_a[n, i] · W[i, j]²                  (the sum of Eq. 4)
-    ŝ_W[i, j] = Σ_n ŝ_a[n, i] · h[n, j]²                  (Eq. 5, summed over the batch)
-    ŝ_b[i]    = Σ_n ŝ_a[n, i]
+    ŝ_A = ŝ_Y (B²)ᵀ,        ŝ_B = (A²)ᵀ ŝ_Y                     (Eq. 4 and Eq. 5)
+
+``addmm(C, A, B, β, α) = β C + α A B`` scales these by ``α²`` and gives ``ŝ_C = β² ŝ_Y`` summed
+over the broadcast rows. For ``nn.Linear`` (``a = h Wᵀ + b``, positions ``n`` other than the
+features) this is
+
+    ŝ_h[n, j] = Σ_i ŝ_a[n, i] W[i, j]²,   ŝ_W[i, j] = Σ_n ŝ_a[n, i] h[n, j]²,   ŝ_b = Σ_n ŝ_a.
 """
 
 from __future__ import annotations
@@ -13,7 +19,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._registry import Backprop, LayerContext, buffer, register_rule, squared
+from ._registry import (
+    Backprop,
+    LayerContext,
+    NodeContext,
+    buffer,
+    input_shape,
+    operation_rule,
+    register_rule,
+    squared,
+    sum_to,
+)
 
 
 def linear_rule(ctx: LayerContext) -> Backprop:
@@ -37,6 +53,53 @@ def linear_rule(ctx: LayerContext) -> Backprop:
     if ctx.need_input_curvature:
         s_in = ctx.curvature_output @ squared(weight)  # a temporary: keeps peak memory low
     return Backprop(s_in, params)
+
+
+def _product_curvatures(ctx, s, a_name, b_name, need_a: bool, need_b: bool, scale: float = 1.0):
+    """``(ŝ_A, ŝ_B)`` of ``Y = scale · A B`` for 2-D or batched 3-D factors (each factor is
+    read only when the other one's curvature is needed: autograd saves no more than that)."""
+    if s is None:
+        return None, None
+    a = ctx.saved(a_name) if need_b else None
+    b = ctx.saved(b_name) if need_a else None
+    s_a = s @ squared(b).transpose(-1, -2) if need_a else None
+    s_b = squared(a).transpose(-1, -2) @ s if need_b else None
+    if scale != 1.0:
+        factor = scale * scale
+        s_a = s_a * factor if s_a is not None else None
+        s_b = s_b * factor if s_b is not None else None
+    return s_a, s_b
+
+
+@operation_rule("MmBackward0")
+def mm_rule(ctx: NodeContext):
+    """``Y = A B``: both factors' rules above."""
+    return _product_curvatures(ctx, ctx.s, "self", "mat2", ctx.needs[0], ctx.needs[1])
+
+
+@operation_rule("BmmBackward0")
+def bmm_rule(ctx: NodeContext):
+    """``Y_b = A_b B_b`` for every batch entry ``b``."""
+    return _product_curvatures(ctx, ctx.s, "self", "mat2", ctx.needs[0], ctx.needs[1])
+
+
+@operation_rule("AddmmBackward0")
+def addmm_rule(ctx: NodeContext):
+    """``Y = β C + α A B`` (``F.linear`` on 2-D inputs): ``ŝ_C = β² Σ_rows ŝ_Y``."""
+    s = ctx.s
+    if s is None:
+        return None, None, None
+    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
+    s_a, s_b = _product_curvatures(
+        ctx, s, "mat1", "mat2", ctx.needs[1], ctx.needs[2], float(alpha)
+    )
+    s_c = None
+    if ctx.needs[0]:
+        beta = float(beta)
+        s_c = sum_to(s, input_shape(ctx, 0))
+        if beta != 1.0:
+            s_c = s_c * (beta * beta)
+    return s_c, s_a, s_b
 
 
 register_rule(nn.Linear, linear_rule)

@@ -1,36 +1,28 @@
-"""Exact diagonals of loss Hessians with respect to the network output (Appendix A).
+"""HesScale rules of the losses' fused autograd operations: exact loss-Hessian diagonals
+(Appendix A).
 
-Each rule returns, for the loss arguments that a network may produce, the exact diagonal of
-``∂²L/∂u²`` per element of ``u`` (shaped like ``u``), for the loss as the user reduced it
-(``'mean'`` includes the loss's own normaliser). The rules follow PyTorch's definitions of the
-losses, including class weights, label smoothing, ignored targets and broadcasting.
+In autograd's graph a loss is operations like any other. ``F.cross_entropy`` is LogSoftmax (its
+rule in :mod:`hesscale.rules.softmax`) followed by NLLLoss, which is linear; MSE and
+BCE-with-logits are single fused operations whose rules here give the exact second derivative;
+GaussianNLLLoss is element-wise arithmetic. Below the loss value the curvature is zero and the
+gradient is whatever the backward pass started with (``(c · loss).backward()``, a GradScaler),
+so the rules give the exact diagonal of what is backpropagated, reduction included. The rules
+follow PyTorch's definitions, with class weights, label smoothing, ignored targets, probability
+targets and broadcasting.
+
+:func:`cross_entropy_coefficients` serves the samplers of GGN-MC and KFAC-MC.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._errors import UnsupportedModuleError
-from .._methods import Method
-
-
-@dataclass(frozen=True)
-class LossRule:
-    """``curvature(module, args, method) -> {argument name: ŝ}``; ``roles`` are the arguments
-    a network may produce (``'input'``; ``'var'`` for GaussianNLLLoss)."""
-
-    curvature: Callable[[nn.Module, dict, Method], dict[str, Tensor]]
-    roles: tuple[str, ...] = ("input",)
-
-
-def _classes_last(t: Tensor) -> Tensor:
-    return t.movedim(1, -1) if t.dim() > 2 else t
+from ._registry import NodeContext, input_shape, operation_rule, squared, sum_to
 
 
 def cross_entropy_coefficients(
@@ -61,69 +53,81 @@ def cross_entropy_coefficients(
     return a / norm if module.reduction == "mean" else a
 
 
-def _cross_entropy(module, args, method):
-    """Exact: ``ŝ = A (q − q²)`` with ``A = Σ_c a_c`` (A.1); BL89: ``ŝ = a ⊙ (q − q²)``."""
-    logits = args["input"]
-    a = cross_entropy_coefficients(module, logits, args["target"])
-    q = torch.softmax(logits, 1)
-    variance = q - q * q
-    if method.exact_output:
-        return {"input": a.sum(1, keepdim=True) * variance}
-    return {"input": a * variance}
+def _reduction_scale(reduction: int, numel: int) -> float:
+    """ATen's reduction enum: 0 none, 1 mean, 2 sum."""
+    return 1.0 / numel if reduction == 1 else 1.0
 
 
-def _nll(module, args, method):
-    """NLLLoss is linear in its input: a zero Hessian (LogSoftmax's rule does the rest)."""
-    return {"input": torch.zeros_like(args["input"])}
+@operation_rule("NllLossBackward0", "NllLoss2DBackward0")
+def nll_rule(ctx: NodeContext):
+    """NLLLoss is linear in the log-probabilities: no second-order term; its Jacobian ``u``
+    (``−w_y/norm`` at the target class) is autograd's backward applied to ones, and
+    ``ŝ_in = u² ŝ_out`` (zero right below the loss value)."""
+    s = ctx.s
+    if s is None or not ctx.needs[0]:
+        return (None,) * len(ctx.needs)
+    u = ctx.node(torch.ones_like(s))
+    u = u[0] if isinstance(u, tuple) else u
+    spread = s if s.dim() == 0 else s.unsqueeze(1)
+    return (u * u * spread,) + (None,) * (len(ctx.needs) - 1)
 
 
-def _mean_scale(module, numel: int) -> float:
-    return 1.0 / numel if module.reduction == "mean" else 1.0
+@operation_rule("MseLossBackward0")
+def mse_rule(ctx: NodeContext):
+    """``ℓ = Σ (x − t)² [/ n]``: ``ŝ_x = (2(x − t)/n)² ŝ_ℓ + [second_order] (2/n) g_ℓ``, the same
+    for the target if it needs one."""
+    x, t = ctx.saved("self"), ctx.saved("target")
+    reduction = ctx.saved("reduction")
+    diff = x - t
+    scale = _reduction_scale(reduction, torch.broadcast_shapes(x.shape, t.shape).numel())
+    s, g = ctx.s, ctx.g
+    s_in = None
+    if s is not None:
+        s_in = squared(2 * scale * diff) * s
+    if ctx.second_order and g is not None:
+        term = (2 * scale) * g.expand_as(diff) if reduction != 0 else 2 * g
+        s_in = term if s_in is None else s_in + term
+    return tuple(
+        sum_to(s_in, input_shape(ctx, i)) if need and s_in is not None else None
+        for i, need in enumerate(ctx.needs)
+    )
 
 
-def _mse(module, args, method):
-    """``L = Σ (u − t)² [/ numel]``: ``ŝ = 2 [/ numel]``."""
-    u = args["input"]
-    target = args["target"]
-    shape = torch.broadcast_shapes(u.shape, target.shape)
-    s = u.new_full((), 2.0 * _mean_scale(module, shape.numel())).expand(shape)
-    return {"input": s.sum_to_size(u.shape).contiguous()}
-
-
-def _bce_with_logits(module, args, method):
-    """``ℓ = −w [p·t log σ(u) + (1 − t) log(1 − σ(u))]``: ``ŝ = w (p·t + 1 − t) σ(u)(1 − σ(u))``."""
-    u, t = args["input"], args["target"]
+@operation_rule("BinaryCrossEntropyWithLogitsBackward0")
+def bce_with_logits_rule(ctx: NodeContext):
+    """``ℓ = −w [p·t log σ(u) + (1 − t) log(1 − σ(u))] [/ n]``: with ``c = w (p·t + 1 − t)``,
+    ``∂ℓ/∂u = (c σ − w p t)/n`` and ``∂²ℓ/∂u² = c σ(1 − σ)/n``."""
+    if ctx.needs[1:] and any(ctx.needs[1:]):
+        raise NotImplementedError(
+            "BCEWithLogitsLoss with a target, weight or pos_weight that requires grad"
+        )
+    u, t = ctx.saved("self"), ctx.saved("target")
+    weight, pos_weight = ctx.saved("weight"), ctx.saved("pos_weight")
+    reduction = ctx.saved("reduction")
     sig = torch.sigmoid(u)
-    coeff = 1 - t
-    coeff = coeff + (module.pos_weight * t if module.pos_weight is not None else t)
-    if module.weight is not None:
-        coeff = coeff * module.weight
-    s = coeff * sig * (1 - sig)
-    return {"input": (s * _mean_scale(module, s.numel())).sum_to_size(u.shape)}
+    positive = t if pos_weight is None else pos_weight * t
+    c = positive + 1 - t
+    w = 1.0 if weight is None else weight
+    c = c * w
+    scale = _reduction_scale(reduction, torch.broadcast_shapes(u.shape, t.shape).numel())
+    s, g = ctx.s, ctx.g
+    s_in = None
+    if s is not None:
+        jac = (c * sig - w * positive) * scale
+        s_in = squared(jac) * s
+    if ctx.second_order and g is not None:
+        term = c * sig * (1 - sig) * scale * g
+        s_in = term if s_in is None else s_in + term
+    return (sum_to(s_in, input_shape(ctx, 0)),) + (None,) * (len(ctx.needs) - 1)
 
 
-def _gaussian_nll(module, args, method):
-    """``ℓ = ½ (log v + (u − t)² / v)`` with ``v = max(var, eps)`` (A.2):
-    ``ŝ_u = 1 / v`` and ``ŝ_v = ((u − t)² / v − ½) / v²``, summed over broadcast copies of v."""
-    u, t, var = args["input"], args["target"], args["var"]
-    v = var.unsqueeze(-1) if var.dim() == u.dim() - 1 else var
-    v = v.clamp(min=module.eps)
-    sq = (u - t) ** 2
-    shape = torch.broadcast_shapes(u.shape, t.shape, v.shape)
-    scale = _mean_scale(module, shape.numel())
-    s_u = (scale / v).expand(shape)
-    s_v = ((sq / v - 0.5) / (v * v)).expand(shape) * scale
-    s_var = s_v.sum_to_size(v.shape).reshape(var.shape)
-    return {"input": s_u.sum_to_size(u.shape), "var": s_var}
-
-
-LOSSES: dict[type[nn.Module], LossRule] = {
-    nn.CrossEntropyLoss: LossRule(_cross_entropy),
-    nn.NLLLoss: LossRule(_nll),
-    nn.MSELoss: LossRule(_mse),
-    nn.BCEWithLogitsLoss: LossRule(_bce_with_logits),
-    nn.GaussianNLLLoss: LossRule(_gaussian_nll, roles=("input", "var")),
-}
+SUPPORTED_LOSSES = (
+    nn.CrossEntropyLoss,
+    nn.NLLLoss,
+    nn.MSELoss,
+    nn.BCEWithLogitsLoss,
+    nn.GaussianNLLLoss,
+)
 
 
 def is_loss(module: nn.Module) -> bool:
@@ -131,21 +135,21 @@ def is_loss(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.loss._Loss)
 
 
-def loss_rule_for(module: nn.Module) -> LossRule:
-    """The rule of a loss module, checking its configuration; raises UnsupportedModuleError."""
-    rule = LOSSES.get(type(module))
-    supported = ", ".join(sorted(t.__name__ for t in LOSSES))
-    if rule is None:
+def check_loss(module: nn.Module) -> None:
+    """Refuse, when it is extended, a loss whose graph has no rules or whose value is not a
+    scalar; raises UnsupportedModuleError."""
+    supported = ", ".join(sorted(t.__name__ for t in SUPPORTED_LOSSES))
+    if type(module) not in SUPPORTED_LOSSES:
         raise UnsupportedModuleError(
-            f"loss {type(module).__name__} has no exact output diagonal in hesscale. "
-            f"Supported losses: {supported}."
+            f"loss {type(module).__name__} has no HesScale rules in hesscale. "
+            f"Supported losses: {supported}; any loss written with supported operations "
+            "(F.*, arithmetic) works without hesscale.extend."
         )
     if module.reduction not in ("mean", "sum"):
         raise UnsupportedModuleError(
             f"loss {type(module).__name__} with reduction={module.reduction!r} is not supported: "
             "the estimate is of a scalar loss; use reduction='mean' or 'sum'"
         )
-    return rule
 
 
 def bind_loss_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:

@@ -4,11 +4,13 @@ Pooling is linear in its input (max pooling piecewise), so the rule is ``ŝ_x = 
 no second-order term:
 
 * max pooling: ``J`` selects the maximum of each window, its entries are 0 or 1, so ``J∘J = J``
-  and ``ŝ_x`` scatters ``ŝ_y`` to the arg-max positions (summing where windows overlap);
+  and ``ŝ_x`` scatters ``ŝ_y`` to the arg-max positions (summing where windows overlap): a
+  selection (:mod:`hesscale.rules.shape`), computed by autograd's own backward with the indices
+  it saved;
 * average pooling: row ``o`` of ``J`` holds ``1/d_o`` on the ``d_o`` elements it averages, so
   ``(J∘J)ᵀ ŝ_y = Jᵀ (ŝ_y / d_o)``: the pooling's own backward applied to ``ŝ_y / d_o``. The
   divisor ``d_o`` varies at borders (``count_include_pad=False``, ``ceil_mode``) and is
-  overridable (``divisor_override``); it is read off the module itself;
+  overridable (``divisor_override``); it is read off what the autograd node saved;
 * adaptive average pooling: the same with the adaptive windows' sizes.
 """
 
@@ -16,92 +18,39 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._registry import Backprop, LayerContext, register_rule
+from ._registry import NodeContext, operation_rule
+from .shape import transpose_of
 
-MAX_POOLS = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
-AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-
-
-def _pool_transpose(module: nn.Module, x: Tensor, v: Tensor) -> Tensor:
-    """``Jᵀ v`` for a pooling module at input ``x`` (its own backward pass, re-run locally)."""
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        (out,) = torch.autograd.grad(module(leaf), leaf, v)
-    return out
-
-
-def max_pool_indices(module: nn.Module, x: Tensor, output: Tensor) -> Tensor | None:
-    """Forward capture: the arg-max indices autograd saved for the pooling's own backward.
-
-    They are the flat spatial positions per ``(n, c)``; reading them saves the rule a second
-    pooling pass. None when autograd saved none (an input without gradient): the rule then
-    recomputes them.
-    """
-    node = output.grad_fn
-    if node is not None and not hasattr(node, "_saved_result1") and node.next_functions:
-        node = node.next_functions[0][0]  # 1d pooling runs as 2d, then squeezes
-    indices = getattr(node, "_saved_result1", None) if node is not None else None
-    if indices is None or indices.numel() != output.numel() or indices.dtype != torch.int64:
-        return None
-    return indices.view(output.shape)
-
-
-def max_pool_rule(ctx: LayerContext) -> Backprop:
-    """``ŝ_x[i] = Σ_{o : argmax(o) = i} ŝ_y[o]``; shapes ``(N, C, *S)``."""
-    if not ctx.need_input_curvature:
-        return Backprop(None)
-    m = ctx.module
-    idx = ctx.saved
-    if idx is None:
-        _, idx = MAX_POOLS[type(m)](
-            ctx.input,
-            m.kernel_size,
-            m.stride,
-            m.padding,
-            m.dilation,
-            m.ceil_mode,
-            return_indices=True,
-        )
-    x = ctx.input
-    s_in = torch.zeros(x.shape[:2] + (x[0, 0].numel(),), dtype=x.dtype, device=x.device)
-    s_in.scatter_add_(2, idx.flatten(2), ctx.curvature_output.flatten(2))
-    return Backprop(s_in.view_as(x))
-
-
-def _avg_pool_inverse_divisor(module: nn.Module, x: Tensor) -> Tensor:
-    """``1/d_o`` per output window: ``avgpool(1) / sumpool(1)`` with the module's settings."""
+def _inverse_divisor(kind: str, x: Tensor, kernel, stride, padding, ceil_mode, include_pad,
+                     divisor_override) -> Tensor:
+    """``1/d_o`` per output window: ``avgpool(1) / sumpool(1)`` with the pooling's settings."""
     ones = torch.ones_like(x[:1, :1])
-    average = module(ones)
-    dims = len(ones.shape) - 2
-    kernel, stride, padding = (
-        torch.nn.modules.utils._ntuple(dims)(v)
-        for v in (module.kernel_size, module.stride, module.padding)
-    )
-    if dims == 1:  # avg_pool1d has no divisor_override: count through the 2d version
-        count = F.avg_pool2d(
-            ones.unsqueeze(-2),
-            (1, kernel[0]),
-            (1, stride[0]),
-            (0, padding[0]),
-            module.ceil_mode,
-            count_include_pad=False,
-            divisor_override=1,
-        ).squeeze(-2)
-    else:
-        pool = F.avg_pool2d if dims == 2 else F.avg_pool3d
-        count = pool(ones, kernel, stride, padding, module.ceil_mode, False, divisor_override=1)
+    pool = F.avg_pool2d if kind == "2d" else F.avg_pool3d
+    average = pool(ones, kernel, stride, padding, ceil_mode, include_pad, divisor_override)
+    count = pool(ones, kernel, stride, padding, ceil_mode, False, divisor_override=1)
     return average / count
 
 
-def avg_pool_rule(ctx: LayerContext) -> Backprop:
-    """``ŝ_x = Jᵀ (ŝ_y / d_o)``, the squared Jacobian having entries ``1/d_o²``."""
-    if not ctx.need_input_curvature:
-        return Backprop(None)
-    scaled = ctx.curvature_output * _avg_pool_inverse_divisor(ctx.module, ctx.input)
-    return Backprop(_pool_transpose(ctx.module, ctx.input, scaled))
+@operation_rule("AvgPool2DBackward0", "AvgPool3DBackward0")
+def avg_pool_rule(ctx: NodeContext):
+    """``ŝ_x = Jᵀ (ŝ_y / d_o)``, the squared Jacobian having entries ``1/d_o²`` (1d pooling
+    runs as 2d between an unsqueeze and a squeeze)."""
+    if ctx.s is None:
+        return (None,)
+    kind = "2d" if type(ctx.node).__name__ == "AvgPool2DBackward0" else "3d"
+    inverse = _inverse_divisor(
+        kind,
+        ctx.saved("self"),
+        ctx.saved("kernel_size"),
+        ctx.saved("stride"),
+        ctx.saved("padding"),
+        ctx.saved("ceil_mode"),
+        ctx.saved("count_include_pad"),
+        ctx.saved("divisor_override"),
+    )
+    return transpose_of(ctx, (ctx.s * inverse,))
 
 
 def _adaptive_window_sizes(in_size: int, out_size: int) -> list[int]:
@@ -111,29 +60,16 @@ def _adaptive_window_sizes(in_size: int, out_size: int) -> list[int]:
     ]
 
 
-def adaptive_avg_pool_rule(ctx: LayerContext) -> Backprop:
+@operation_rule("AdaptiveAvgPool2DBackward0", "AdaptiveAvgPool3DBackward0")
+def adaptive_avg_pool_rule(ctx: NodeContext):
     """``ŝ_x = Jᵀ (ŝ_y / d_o)`` with ``d_o`` the product of the adaptive window lengths."""
-    if not ctx.need_input_curvature:
-        return Backprop(None)
-    x, y = ctx.input, ctx.output
-    inverse = torch.ones((), dtype=x.dtype, device=x.device)
-    for dim, (n_in, n_out) in enumerate(zip(x.shape[2:], y.shape[2:])):
-        sizes = torch.tensor(_adaptive_window_sizes(n_in, n_out), dtype=x.dtype, device=x.device)
-        shape = [1] * (y.dim() - 2)
+    if ctx.s is None:
+        return (None,)
+    x, s = ctx.saved("self"), ctx.s
+    inverse = torch.ones((), dtype=s.dtype, device=s.device)
+    for dim, (n_in, n_out) in enumerate(zip(x.shape[2:], s.shape[2:])):
+        sizes = torch.tensor(_adaptive_window_sizes(n_in, n_out), dtype=s.dtype, device=s.device)
+        shape = [1] * (s.dim() - 2)
         shape[dim] = n_out
         inverse = inverse / sizes.view(shape)
-    return Backprop(_pool_transpose(ctx.module, x, ctx.curvature_output * inverse))
-
-
-def _check_max_pool(module: nn.Module) -> str | None:
-    if module.return_indices:
-        return "return_indices=True is not supported (the output must be a single tensor)"
-    return None
-
-
-for _t in MAX_POOLS:
-    register_rule(_t, max_pool_rule, _check_max_pool, capture=max_pool_indices)
-for _t in AVG_POOLS:
-    register_rule(_t, avg_pool_rule)
-for _t in ADAPTIVE_AVG_POOLS:
-    register_rule(_t, adaptive_avg_pool_rule)
+    return transpose_of(ctx, (s * inverse,))

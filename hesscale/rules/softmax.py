@@ -1,46 +1,75 @@
-"""HesScale rule of ``nn.LogSoftmax``, the last layer of a network trained with ``NLLLoss``.
+"""HesScale rules of LogSoftmax and Softmax along a dimension (exact given a diagonal ``ŝ_y``).
 
-For ``y = log softmax(z)`` with ``q = softmax(z)``, the Jacobian is ``J = I − 1 qᵀ`` and every
-output has the same Hessian ``∇²y_k = −(diag(q) − q qᵀ)``. The diagonal rule for a
-non-element-wise layer, ``ŝ_z = (J∘J)ᵀ ŝ_y + diag(Σ_k g_k ∇²y_k)``, becomes
+**LogSoftmax** ``y = log softmax(z)``, ``q = softmax(z)``: ``J = I − 1 qᵀ`` and every output has
+the Hessian ``∇²y_k = −(diag(q) − q qᵀ)``, so
 
-    ŝ_z = ŝ_y ⊙ (1 − 2q) + q² · Σ_k ŝ_{y,k} − (Σ_k g_k) (q − q²),
+    ŝ_z = ŝ_y ⊙ (1 − 2q) + q² Σ_k ŝ_{y,k} − (Σ_k g_k) (q − q²).
 
-which is exact after ``NLLLoss`` (there ``ŝ_y = 0`` and ``−Σ_k g_k`` is the example's weight,
-giving Appendix A.1's ``q − q²``). LogSoftmax belongs to the loss, so the σ'' term is kept in the
-Gauss-Newton variant as well. BL89 instead treats LogSoftmax as element-wise with
-``σ' = 1 − q`` and ``σ'' = q² − q``:
+After NLLLoss (``ŝ_y = 0``, ``−Σ_k g_k`` the example's weight) this is Appendix A.1's ``q − q²``:
+``F.cross_entropy`` is LogSoftmax followed by NLLLoss in autograd's graph, so the exact output
+diagonal of every cross-entropy variant (weights, label smoothing, probabilities, ignored
+targets) comes out of this rule. LogSoftmax belongs to the loss: its second-order term is kept
+under HesScaleGN as well. BL89 treats it element-wise, ``σ' = 1 − q``, ``σ'' = q² − q``:
+``ŝ_z = (1 − q)² ⊙ ŝ_y + (q² − q) ⊙ g``.
 
-    ŝ_z = (1 − q)² ⊙ ŝ_y + (q² − q) ⊙ g.
+**Softmax** ``p = softmax(z)``: ``J = diag(p) − p pᵀ`` and
+``∂²p_k/∂z_i² = p_k(δ_ki − p_i)(1 − 2p_i) − p_k p_i(1 − p_i)``, so
+
+    ŝ_z = p² ⊙ [(1 − 2p) ⊙ ŝ_y + Σ_k p_k² ŝ_{y,k}] + [second_order] p (1 − 2p) ⊙ (g − ⟨p, g⟩).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ._registry import Backprop, LayerContext, register_rule
+from ._registry import NodeContext, operation_rule
 
 
-def log_softmax_rule(ctx: LayerContext) -> Backprop:
-    """The rule above along ``module.dim``; shapes of ``z``."""
-    if not ctx.need_input_curvature:
-        return Backprop(None)
-    dim = ctx.module.dim
-    q = torch.exp(ctx.output)
-    s, g = ctx.curvature_output, ctx.grad_output
+def softmax_dim(ctx: NodeContext) -> int:
+    """The saved ``dim``; autograd returns a negative one as an unsigned 64-bit number."""
+    dim = int(ctx.saved("dim"))
+    return dim - 2**64 if dim >= 2**63 else dim
+
+
+@operation_rule("LogSoftmaxBackward0")
+def log_softmax_rule(ctx: NodeContext):
+    """The LogSoftmax rule above along the saved ``dim``; shapes of ``z``."""
+    if not ctx.needs[0]:
+        return (None,)
+    q = torch.exp(ctx.saved("result"))
+    dim = softmax_dim(ctx)
+    s, g = ctx.s, ctx.g
+    if not ctx.method.exact_output:  # BL89
+        s_in = (q * q - q) * g if g is not None else torch.zeros_like(q)
+        return (s_in if s is None else s_in + (1 - q) ** 2 * s,)
+    variance = q - q * q
+    s_in = -g.sum(dim, keepdim=True) * variance if g is not None else torch.zeros_like(q)
+    if s is not None:
+        s_in = s_in + s * (1 - 2 * q) + q * q * s.sum(dim, keepdim=True)
+    return (s_in,)
+
+
+@operation_rule("SoftmaxBackward0")
+def softmax_rule(ctx: NodeContext):
+    """The Softmax rule above; BL89 treats it element-wise (``σ' = p − p²``,
+    ``σ'' = (p − p²)(1 − 2p)``)."""
+    if not ctx.needs[0]:
+        return (None,)
+    p = ctx.saved("result")
+    dim = softmax_dim(ctx)
+    s, g = ctx.s, ctx.g
+    s_in = None
     if not ctx.method.exact_output:
-        return Backprop((1 - q) ** 2 * s + (q * q - q) * g)
-    s_in = (
-        s * (1 - 2 * q) + q * q * s.sum(dim, keepdim=True) - g.sum(dim, keepdim=True) * (q - q * q)
-    )
-    return Backprop(s_in)
-
-
-def _check_dim(module: nn.Module) -> str | None:
-    if module.dim is None:
-        return "LogSoftmax needs an explicit dim (dim=None picks one by the input's rank)"
-    return None
-
-
-register_rule(nn.LogSoftmax, log_softmax_rule, _check_dim)
+        df = p - p * p
+        if s is not None:
+            s_in = df * df * s
+        if ctx.second_order and g is not None:
+            term = df * (1 - 2 * p) * g
+            s_in = term if s_in is None else s_in + term
+        return (s_in,)
+    if s is not None:
+        s_in = p * p * ((1 - 2 * p) * s + (p * p * s).sum(dim, keepdim=True))
+    if ctx.second_order and g is not None:
+        term = p * (1 - 2 * p) * (g - (p * g).sum(dim, keepdim=True))
+        s_in = term if s_in is None else s_in + term
+    return (s_in,)

@@ -1,0 +1,125 @@
+"""HesScale rules of operations that move, select, copy, sum or scale elements.
+
+**Selections** (views, ``permute``, ``transpose``, ``expand``, ``cat``, ``stack``, ``split``,
+slicing and indexing, padding, ``sum``, max pooling, embedding lookups, …): every entry of the
+Jacobian is 0 or 1, so ``J∘J = J`` and the diagonal rule is the operation's own backward applied
+to the curvature, ``ŝ_x = Jᵀ ŝ_y``. The autograd node computes exactly that when called on
+``ŝ_y``, with what it saved; these rules add no code of their own and no second-order term
+(the operations are linear).
+
+**Scalings** multiply every element by a constant ``c`` (``x * 2``, ``x / 3``, ``−x``,
+``mean``'s ``1/n``): ``J∘J = c J``, so ``ŝ_x = c · Jᵀ ŝ_y``.
+"""
+
+from __future__ import annotations
+
+from ._registry import NodeContext, input_shape, operation_rule, sum_to
+
+SELECTIONS = (
+    "AliasBackward0",
+    "AsStridedBackward0",
+    "CatBackward0",
+    "CloneBackward0",
+    "ConstantPadNdBackward0",
+    "DiagonalBackward0",
+    "ExpandBackward0",
+    "FlipBackward0",
+    "GatherBackward0",
+    "IndexBackward0",
+    "IndexSelectBackward0",
+    "MaskedFillBackward0",
+    "MaxPool2DWithIndicesBackward0",
+    "MaxPool3DWithIndicesBackward0",
+    "NarrowBackward0",
+    "PermuteBackward0",
+    "RepeatBackward0",
+    "ReshapeAliasBackward0",
+    "RollBackward0",
+    "SelectBackward0",
+    "SliceBackward0",
+    "SplitBackward0",
+    "SplitWithSizesBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "StackBackward0",
+    "SumBackward0",
+    "SumBackward1",
+    "TBackward0",
+    "ToCopyBackward0",
+    "TransposeBackward0",
+    "UnbindBackward0",
+    "UnfoldBackward0",
+    "UnsafeSplitBackward0",
+    "UnsafeViewBackward0",
+    "UnsqueezeBackward0",
+    "ViewBackward0",
+    "AddBackward1",
+    "SubBackward1",
+    "EmbeddingBackward0",
+)
+
+
+def _as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+def transpose_of(ctx: NodeContext, curvatures=None) -> tuple:
+    """``Jᵀ v`` for each input, from the node's own backward (None where nothing flows)."""
+    curvatures = ctx.curvature_outputs if curvatures is None else curvatures
+    if all(s is None for s in curvatures):
+        return (None,) * len(ctx.needs)
+    results = _as_tuple(ctx.node(*curvatures))
+    # autograd sums a broadcast gradient down to the input's shape after the node ran
+    return tuple(
+        sum_to(r, input_shape(ctx, i)) if need and r is not None else None
+        for i, (r, need) in enumerate(zip(results, ctx.needs))
+    )
+
+
+@operation_rule(*SELECTIONS)
+def selection_rule(ctx: NodeContext):
+    """``ŝ_x = Jᵀ ŝ_y`` (Jacobian entries 0 or 1)."""
+    if type(ctx.node).__name__ == "EmbeddingBackward0" and ctx.saved("scale_grad_by_freq"):
+        raise NotImplementedError(
+            "F.embedding with scale_grad_by_freq=True: its backward is not the transposed "
+            "Jacobian; use scale_grad_by_freq=False"
+        )
+    return transpose_of(ctx)
+
+
+def _scaled(ctx: NodeContext, c: float):
+    return tuple(None if v is None else v * c for v in transpose_of(ctx))
+
+
+@operation_rule("NegBackward0")
+def neg_rule(ctx: NodeContext):
+    """``y = −x``: ``ŝ_x = ŝ_y``."""
+    return (ctx.s,)
+
+
+@operation_rule("MulBackward1")
+def mul_scalar_rule(ctx: NodeContext):
+    """``y = c x`` with a Python number ``c``: Jᵀ ŝ is ``c ŝ``, so ``ŝ_x = c · (c ŝ)``."""
+    return _scaled(ctx, float(ctx.saved("other")))
+
+
+@operation_rule("DivBackward1")
+def div_scalar_rule(ctx: NodeContext):
+    """``y = x / c``: ``ŝ_x = ŝ_y / c²``."""
+    return _scaled(ctx, 1.0 / float(ctx.saved("other")))
+
+
+@operation_rule("RsubBackward1")
+def rsub_scalar_rule(ctx: NodeContext):
+    """``y = c − α x``: ``ŝ_x = α² ŝ_y`` (the backward gives ``−α ŝ``)."""
+    return _scaled(ctx, -float(ctx.saved("alpha")))
+
+
+@operation_rule("MeanBackward0", "MeanBackward1")
+def mean_rule(ctx: NodeContext):
+    """``y = (1/n) Σ x``: ``ŝ_x = (1/n) Jᵀ ŝ_y`` with ``n`` inputs per output."""
+    if ctx.s is None:
+        return (None,)
+    n = ctx.saved("self_sym_numel") / ctx.s.numel()
+    return _scaled(ctx, 1.0 / float(n))
