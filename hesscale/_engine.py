@@ -57,7 +57,6 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import UnsupportedModuleError
@@ -97,8 +96,12 @@ class _Options:
 class _LayerCall:
     """One call of a module with a layer rule, tagged on its output's autograd node.
 
-    Values are kept detached; the graph-attached output is kept for GGN-MC only, and released
-    after the pass (it would form a cycle through autograd's C++ graph otherwise).
+    Values are kept detached and no autograd node is referenced: the call hangs in its output
+    node's metadata, and a reference back into the graph would form a cycle through autograd's
+    C++ graph that Python's garbage collector cannot break. The producer of the module's input
+    is found when the graph is walked, as the node below the output that was created before
+    the module started. The graph-attached output is kept for GGN-MC only, and released after
+    the pass.
     """
 
     module: nn.Module
@@ -106,7 +109,8 @@ class _LayerCall:
     rule: Rule
     input: Tensor | None
     output: Tensor | None
-    input_edge: tuple | None  # (node, output_nr) of the input's producer, None without grad
+    first: int  # autograd's sequence number when the module started: its nodes are numbered on
+    leaf_input: weakref.ref | None  # the input, when it is a leaf that requires grad
     version: int
     forward: _Forward
     saved: object = None
@@ -148,8 +152,12 @@ class _Forward:
     def module_of(self, node) -> str | None:
         """The innermost module whose forward created ``node`` (by sequence numbers)."""
         seq = node._sequence_nr()
-        inside = [(end - first, path) for first, end, path in self.spans if first <= seq < end]
-        return min(inside)[1] if inside else None
+        inside = [
+            (end - first, -path.count("."), path)
+            for first, end, path in self.spans
+            if first <= seq < end
+        ]
+        return min(inside)[2] if inside else None
 
     def release(self) -> None:
         for call in self.calls:
@@ -197,6 +205,35 @@ def _is_leaf(node) -> bool:
     return type(node).__name__ == "AccumulateGrad"
 
 
+def _layer_inputs(output_node, calls: dict) -> tuple:
+    """The edges into a layer call's input: walking down from its output node, the first nodes
+    created before the module started (and the input itself if it is a leaf)."""
+    (call,) = calls.values() if len(calls) == 1 else (None,)
+    if call is None:
+        raise UnsupportedModuleError("a node carries the outputs of several layer calls")
+    leaf = call.leaf_input() if call.leaf_input is not None else None
+    found, seen, stack = [], set(), [output_node]
+    while stack:
+        node = stack.pop()
+        for child, nr in node.next_functions:
+            if child is None or (child, nr) in seen:
+                continue
+            seen.add((child, nr))
+            if _is_leaf(child):
+                if leaf is not None and child.variable is leaf:
+                    found.append((child, nr))
+            elif child._sequence_nr() < call.first:
+                found.append((child, nr))
+            else:
+                stack.append(child)
+    if len({(id(n), nr) for n, nr in found}) > 1:
+        raise UnsupportedModuleError(
+            f"module '{call.path}' ({type(call.module).__name__}) uses tensors computed outside "
+            "it besides its input; its layer rule sees only the input"
+        )
+    return tuple(found[:1])
+
+
 class _Pass:
     """The curvature pass of one ``backward()`` (see the module docstring)."""
 
@@ -238,7 +275,7 @@ class _Pass:
             meta = {} if _is_leaf(node) else node.metadata
             calls = meta.get(_LAYER_TAG)
             if calls is not None:
-                edges = tuple(c.input_edge for c in calls.values() if c.input_edge is not None)
+                edges = _layer_inputs(node, calls)
             elif _is_leaf(node):
                 edges = ()
             else:
@@ -520,9 +557,7 @@ def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> No
     if s is None:
         s = torch.zeros_like(output)
     params = pass_._layer_params(call)
-    need_input = call.input_edge is not None and any(
-        need for (child, _), need in zip(info.edges, info.needs) if child is call.input_edge[0]
-    )
+    need_input = bool(info.needs) and info.needs[0]
     single_use = all(pass_.uses.get(p, 1) == 1 for p in params)
     options = pass_.options
     ctx = LayerContext(
@@ -547,7 +582,7 @@ def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> No
     if need_input:
         if result.curvature_input is None:
             raise RuntimeError(f"the rule of '{call.path}' returned no input curvature")
-        child, nr = call.input_edge
+        child, nr = info.edges[0]
         if _is_leaf(child):
             pass_.add_estimate(child.variable, result.curvature_input)
         else:
@@ -623,6 +658,13 @@ class _ModelState:
         return METHODS[names.pop()]
 
     # --- forward hooks --------------------------------------------------------------------
+    def _refuse_compiling(self) -> None:
+        if torch.compiler.is_compiling():
+            raise UnsupportedModuleError(
+                f"{self.root_name} is extended and being compiled by torch.compile: compiled "
+                "graphs bypass the hooks that compute the estimates. Train the uncompiled model."
+            )
+
     def on_root_start(self, model, args):
         previous = self.last_monte_carlo() if self.last_monte_carlo is not None else None
         if previous is not None:  # its graph-attached outputs form a cycle until released
@@ -632,11 +674,7 @@ class _ModelState:
         if method is None or not torch.is_grad_enabled():
             self.current = None
             return
-        if torch.compiler.is_compiling():
-            raise UnsupportedModuleError(
-                f"{self.root_name} is extended and being compiled by torch.compile: compiled "
-                "graphs bypass the hooks that compute the estimates. Train the uncompiled model."
-            )
+        self._refuse_compiling()
         floating = [p.dtype for p in self.params if p.is_floating_point()]
         self.current = _Forward(
             state=self,
@@ -651,6 +689,7 @@ class _ModelState:
 
     def on_enter(self, module, args):
         if self.current is not None:
+            self._refuse_compiling()
             self.current.open_spans.append(torch._C._autograd._get_sequence_nr())
 
     def on_exit(self, module, args, output):
@@ -664,6 +703,7 @@ class _ModelState:
         forward = self.current
         if forward is None:
             return
+        first = forward.open_spans.pop()
         path = self.paths[module]
         if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise UnsupportedModuleError(
@@ -682,7 +722,8 @@ class _ModelState:
             rule=rule,
             input=x.detach(),
             output=output.detach(),
-            input_edge=_edge(x),
+            first=first,
+            leaf_input=weakref.ref(x) if x.requires_grad and x.grad_fn is None else None,
             version=output._version,
             forward=forward,
             saved=saved,
@@ -709,14 +750,6 @@ class _ModelState:
         if forward.open_spans:
             first = forward.open_spans.pop()
             forward.spans.append((first, torch._C._autograd._get_sequence_nr(), "<root>"))
-
-
-def _edge(x: Tensor) -> tuple | None:
-    """``(node, output_nr)`` of the producer of ``x`` (its AccumulateGrad for a leaf)."""
-    if not x.requires_grad:
-        return None
-    edge = get_gradient_edge(x)
-    return (edge.node, edge.output_nr)
 
 
 def _trace(output, forward: _Forward):
@@ -799,12 +832,10 @@ def extend(module: nn.Module) -> nn.Module:
     for sub, path in state.paths.items():
         if sub is module:
             continue
-        if sub in state.layers:
-            sub.register_forward_hook(state.on_layer)
-        else:
-            sub.register_forward_pre_hook(state.on_enter)
-            sub.register_forward_hook(state.on_exit)
+        sub.register_forward_pre_hook(state.on_enter)
+        sub.register_forward_hook(state.on_layer if sub in state.layers else state.on_exit)
     if module in state.layers:
+        module.register_forward_pre_hook(state.on_enter)
         module.register_forward_hook(state.on_layer)
     module.register_forward_hook(state.on_root_end)
     setattr(module, _STATE, state)

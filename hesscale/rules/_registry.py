@@ -216,16 +216,6 @@ def layer_rule_for(module: nn.Module, path: str) -> Rule | None:
     return rule
 
 
-def no_inplace(module: nn.Module) -> str | None:
-    """Shared check: in-place modules overwrite tensors that the rules read in the backward."""
-    if getattr(module, "inplace", False):
-        return (
-            "inplace=True is not supported (it overwrites what the backward rule needs); "
-            "use inplace=False"
-        )
-    return None
-
-
 def buffer(workspace: dict | None, key: str, like: Tensor, shape=None) -> Tensor | None:
     """A reusable buffer shaped ``shape`` (default: ``like``'s) from ``workspace``, or None
     when there is no workspace (then pass ``out=None`` and let torch allocate)."""
@@ -265,7 +255,6 @@ __all__ = [
     "buffer",
     "input_shape",
     "layer_rule_for",
-    "no_inplace",
     "node_rule_for",
     "operation_rule",
     "register_rule",
