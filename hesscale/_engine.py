@@ -445,9 +445,7 @@ class _Pass:
         output_alias = next(
             n for n in self.info if not _is_leaf(n) and n.metadata.get(_OUTPUT_TAG) is forward
         )
-        self.handles.append(
-            output_alias.register_prehook(partial(_on_monte_carlo, self, forward))
-        )
+        self.handles.append(output_alias.register_prehook(partial(_on_monte_carlo, self, forward)))
 
     # --- running --------------------------------------------------------------------------
     def add(self, node, output_nr: int, s: Tensor) -> None:
@@ -829,7 +827,7 @@ def extend(module: nn.Module) -> nn.Module:
         )
     state = _ModelState(module)
     module.register_forward_pre_hook(state.on_root_start)
-    for sub, path in state.paths.items():
+    for sub in state.paths:
         if sub is module:
             continue
         sub.register_forward_pre_hook(state.on_enter)

@@ -27,7 +27,9 @@ def test_an_operation_without_rule_is_refused_by_name_and_place_before_any_numbe
     model = Cumulative()
     hesscale.extend(model)
     before = model.head.weight.grad
-    with pytest.raises(UnsupportedModuleError, match=r"CumsumBackward0 \(in module '<root>'.*hutchinson"):
+    with pytest.raises(
+        UnsupportedModuleError, match=r"CumsumBackward0 \(in module '<root>'.*hutchinson"
+    ):
         _run(model)
     assert before is None and model.head.weight.grad is None  # autograd never ran
     assert not hasattr(model.head.weight, "hess_diag")
@@ -35,7 +37,9 @@ def test_an_operation_without_rule_is_refused_by_name_and_place_before_any_numbe
 
 def test_an_unsupported_layer_is_named_with_its_module_path():
     model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.BatchNorm1d(4)), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModuleError, match=r"NativeBatchNormBackward0 \(in module '1\.0'"):
+    with pytest.raises(
+        UnsupportedModuleError, match=r"NativeBatchNormBackward0 \(in module '1\.0'"
+    ):
         _run(model)
 
 

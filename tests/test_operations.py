@@ -78,45 +78,121 @@ OPERATIONS = {
     "abs": (lambda p: p["a"].abs(), {"a": (3, 4)}),
     "clamp": (lambda p: p["a"].clamp(min=-0.3) + p["b"].clamp(max=0.2), {"a": (5,), "b": (5,)}),
     # arithmetic with scalars and tensors, broadcasting
-    "scalar-arithmetic": (lambda p: (2.5 * p["a"] - 1) / 3 + (1 - p["b"]) - p["c"], {"a": (4,), "b": (4,), "c": (4,)}),
-    "add-broadcast-alpha": (lambda p: torch.add(p["a"], p["b"], alpha=-1.5), {"a": (3, 4), "b": (4,)}),
+    "scalar-arithmetic": (
+        lambda p: (2.5 * p["a"] - 1) / 3 + (1 - p["b"]) - p["c"],
+        {"a": (4,), "b": (4,), "c": (4,)},
+    ),
+    "add-broadcast-alpha": (
+        lambda p: torch.add(p["a"], p["b"], alpha=-1.5),
+        {"a": (3, 4), "b": (4,)},
+    ),
     "sub-alpha": (lambda p: torch.sub(p["a"], p["b"], alpha=2.0), {"a": (3, 4), "b": (3, 1)}),
     "mul-broadcast": (lambda p: p["a"] * p["b"], {"a": (3, 4), "b": (1, 4)}),
-    "mul-constant-mask": (lambda p, m: p["a"] * m, {"a": (3, 4)}, (), {"m": torch.rand(3, 4, dtype=D)}),
+    "mul-constant-mask": (
+        lambda p, m: p["a"] * m,
+        {"a": (3, 4)},
+        (),
+        {"m": torch.rand(3, 4, dtype=D)},
+    ),
     "square-as-product": (lambda p: p["a"] * p["a"], {"a": (3, 4)}),
     "div": (lambda p: p["a"] / p["b"], {"a": (3, 4), "b": (4,)}, ("b",)),
     "gate-sigmoid": (lambda p: p["a"] * torch.sigmoid(p["b"]), {"a": (3, 4), "b": (3, 4)}),
     # matrix products
     "mm": (lambda p: p["a"] @ p["b"], {"a": (3, 4), "b": (4, 2)}),
-    "linear-2d": (lambda p: F.linear(p["x"], p["w"], p["b"]), {"x": (3, 4), "w": (2, 4), "b": (2,)}),
-    "linear-3d": (lambda p: F.linear(p["x"], p["w"], p["b"]), {"x": (2, 3, 4), "w": (2, 4), "b": (2,)}),
+    "linear-2d": (
+        lambda p: F.linear(p["x"], p["w"], p["b"]),
+        {"x": (3, 4), "w": (2, 4), "b": (2,)},
+    ),
+    "linear-3d": (
+        lambda p: F.linear(p["x"], p["w"], p["b"]),
+        {"x": (2, 3, 4), "w": (2, 4), "b": (2,)},
+    ),
     "bmm": (lambda p: torch.bmm(p["a"], p["b"]), {"a": (2, 3, 4), "b": (2, 4, 2)}),
     "matmul-broadcast": (lambda p: p["a"] @ p["b"], {"a": (2, 3, 4), "b": (4, 2)}),
-    "einsum": (lambda p: torch.einsum("bij,bjk->bik", p["a"], p["b"]), {"a": (2, 3, 4), "b": (2, 4, 2)}),
-    "addmm-scaled": (lambda p: torch.addmm(p["c"], p["a"], p["b"], beta=0.5, alpha=2.0), {"c": (3, 2), "a": (3, 4), "b": (4, 2)}),
+    "einsum": (
+        lambda p: torch.einsum("bij,bjk->bik", p["a"], p["b"]),
+        {"a": (2, 3, 4), "b": (2, 4, 2)},
+    ),
+    "addmm-scaled": (
+        lambda p: torch.addmm(p["c"], p["a"], p["b"], beta=0.5, alpha=2.0),
+        {"c": (3, 2), "a": (3, 4), "b": (4, 2)},
+    ),
     # convolutions
-    "conv2d": (lambda p: F.conv2d(p["x"], p["w"], p["b"], stride=2, padding=1, groups=2), {"x": (2, 4, 5, 5), "w": (4, 2, 3, 3), "b": (4,)}),
-    "conv1d-dilation": (lambda p: F.conv1d(p["x"], p["w"], dilation=2), {"x": (2, 2, 7), "w": (3, 2, 2)}),
-    "conv-transpose2d": (lambda p: F.conv_transpose2d(p["x"], p["w"], p["b"], stride=2, output_padding=1), {"x": (1, 2, 3, 3), "w": (2, 3, 2, 2), "b": (3,)}),
+    "conv2d": (
+        lambda p: F.conv2d(p["x"], p["w"], p["b"], stride=2, padding=1, groups=2),
+        {"x": (2, 4, 5, 5), "w": (4, 2, 3, 3), "b": (4,)},
+    ),
+    "conv1d-dilation": (
+        lambda p: F.conv1d(p["x"], p["w"], dilation=2),
+        {"x": (2, 2, 7), "w": (3, 2, 2)},
+    ),
+    "conv-transpose2d": (
+        lambda p: F.conv_transpose2d(p["x"], p["w"], p["b"], stride=2, output_padding=1),
+        {"x": (1, 2, 3, 3), "w": (2, 3, 2, 2), "b": (3,)},
+    ),
     # shapes, selections and reductions
-    "views": (lambda p: p["a"].view(4, 3).reshape(2, 6).flatten().unsqueeze(0).squeeze(0), {"a": (3, 4)}),
-    "permute-transpose": (lambda p: p["a"].permute(2, 0, 1).transpose(0, 1).contiguous().T, {"a": (2, 3, 4)}),
-    "expand": (lambda p: p["a"].expand(3, 2, 4) * torch.arange(1.0, 4.0, dtype=D).view(3, 1, 1), {"a": (2, 4)}),
-    "cat-stack": (lambda p: torch.cat([torch.stack([p["a"], p["b"]]).flatten(), p["a"][0]]), {"a": (2, 3), "b": (2, 3)}),
-    "split-chunk": (lambda p: torch.cat([q.flatten() * (i + 1) for i, q in enumerate(p["a"].split([1, 3], 1) + p["a"].chunk(2, 0))]), {"a": (2, 4)}),
-    "slice-select-index": (lambda p: torch.cat([p["a"][:, 1:3].flatten(), p["a"][1], p["a"][[0, 0, 2]].flatten()]), {"a": (3, 4)}),
-    "unbind-pad": (lambda p: torch.cat([F.pad(q, (1, 2)) for q in p["a"].unbind(0)]), {"a": (2, 3)}),
-    "sum-mean": (lambda p: torch.stack([p["a"].sum(), p["a"].sum(1).sum(), p["a"].mean(), p["a"].mean((0,)).sum()]), {"a": (3, 4)}),
+    "views": (
+        lambda p: p["a"].view(4, 3).reshape(2, 6).flatten().unsqueeze(0).squeeze(0),
+        {"a": (3, 4)},
+    ),
+    "permute-transpose": (
+        lambda p: p["a"].permute(2, 0, 1).transpose(0, 1).contiguous().T,
+        {"a": (2, 3, 4)},
+    ),
+    "expand": (
+        lambda p: p["a"].expand(3, 2, 4) * torch.arange(1.0, 4.0, dtype=D).view(3, 1, 1),
+        {"a": (2, 4)},
+    ),
+    "cat-stack": (
+        lambda p: torch.cat([torch.stack([p["a"], p["b"]]).flatten(), p["a"][0]]),
+        {"a": (2, 3), "b": (2, 3)},
+    ),
+    "split-chunk": (
+        lambda p: torch.cat(
+            [
+                q.flatten() * (i + 1)
+                for i, q in enumerate(p["a"].split([1, 3], 1) + p["a"].chunk(2, 0))
+            ]
+        ),
+        {"a": (2, 4)},
+    ),
+    "slice-select-index": (
+        lambda p: torch.cat([p["a"][:, 1:3].flatten(), p["a"][1], p["a"][[0, 0, 2]].flatten()]),
+        {"a": (3, 4)},
+    ),
+    "unbind-pad": (
+        lambda p: torch.cat([F.pad(q, (1, 2)) for q in p["a"].unbind(0)]),
+        {"a": (2, 3)},
+    ),
+    "sum-mean": (
+        lambda p: torch.stack(
+            [p["a"].sum(), p["a"].sum(1).sum(), p["a"].mean(), p["a"].mean((0,)).sum()]
+        ),
+        {"a": (3, 4)},
+    ),
     "global-average-pool": (lambda p: p["a"].mean((2, 3)), {"a": (2, 3, 4, 4)}),
     "embedding": (lambda p, i: F.embedding(i, p["w"]), {"w": (4, 3)}, (), {"i": IDX}),
-    "embedding-padding": (lambda p, i: F.embedding(i, p["w"], padding_idx=2), {"w": (4, 3)}, (), {"i": IDX}),
+    "embedding-padding": (
+        lambda p, i: F.embedding(i, p["w"], padding_idx=2),
+        {"w": (4, 3)},
+        (),
+        {"i": IDX},
+    ),
     # pooling
     "max-pool2d": (lambda p: F.max_pool2d(p["a"], 3, stride=1, padding=1), {"a": (2, 2, 4, 4)}),
     "max-pool1d": (lambda p: F.max_pool1d(p["a"], 2), {"a": (2, 2, 6)}),
     "max-pool3d": (lambda p: F.max_pool3d(p["a"], 2), {"a": (1, 2, 4, 4, 4)}),
-    "avg-pool2d": (lambda p: F.avg_pool2d(p["a"], 3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), {"a": (2, 2, 5, 5)}),
+    "avg-pool2d": (
+        lambda p: F.avg_pool2d(
+            p["a"], 3, stride=2, padding=1, ceil_mode=True, count_include_pad=False
+        ),
+        {"a": (2, 2, 5, 5)},
+    ),
     "avg-pool1d": (lambda p: F.avg_pool1d(p["a"], 3, stride=2, padding=1), {"a": (2, 2, 7)}),
-    "avg-pool2d-divisor": (lambda p: F.avg_pool2d(p["a"], 2, divisor_override=3), {"a": (1, 2, 4, 4)}),
+    "avg-pool2d-divisor": (
+        lambda p: F.avg_pool2d(p["a"], 2, divisor_override=3),
+        {"a": (1, 2, 4, 4)},
+    ),
     "avg-pool3d": (lambda p: F.avg_pool3d(p["a"], 2, stride=1), {"a": (1, 1, 3, 3, 3)}),
     "adaptive-avg-pool2d": (lambda p: F.adaptive_avg_pool2d(p["a"], (2, 3)), {"a": (2, 2, 5, 5)}),
     # softmax inside a network
@@ -174,8 +250,12 @@ LOSSES = {
     "ce": (lambda o, t: F.cross_entropy(o, t), (5, 4), lambda: _labels(5)),
     "ce-sum-weight-smoothing-ignore": (
         lambda o, t: F.cross_entropy(
-            o, t, weight=torch.tensor([0.3, 1.0, 2.0, 0.7], dtype=D), label_smoothing=0.1,
-            ignore_index=1, reduction="sum",
+            o,
+            t,
+            weight=torch.tensor([0.3, 1.0, 2.0, 0.7], dtype=D),
+            label_smoothing=0.1,
+            ignore_index=1,
+            reduction="sum",
         ),
         (5, 4),
         lambda: torch.tensor([0, 1, 2, 3, 1]),
@@ -186,12 +266,22 @@ LOSSES = {
         lambda: torch.softmax(torch.randn(5, 4, dtype=D), 1),
     ),
     "ce-spatial": (lambda o, t: F.cross_entropy(o, t), (2, 4, 3), lambda: _labels(2, 3)),
-    "nll-after-log-softmax": (lambda o, t: F.nll_loss(o.log_softmax(1), t), (5, 4), lambda: _labels(5)),
+    "nll-after-log-softmax": (
+        lambda o, t: F.nll_loss(o.log_softmax(1), t),
+        (5, 4),
+        lambda: _labels(5),
+    ),
     "mse": (lambda o, t: F.mse_loss(o, t), (5, 4), lambda: torch.randn(5, 4, dtype=D)),
-    "mse-sum": (lambda o, t: F.mse_loss(o, t, reduction="sum"), (5, 4), lambda: torch.randn(5, 4, dtype=D)),
+    "mse-sum": (
+        lambda o, t: F.mse_loss(o, t, reduction="sum"),
+        (5, 4),
+        lambda: torch.randn(5, 4, dtype=D),
+    ),
     "bce-with-logits": (
         lambda o, t: F.binary_cross_entropy_with_logits(
-            o, t, weight=torch.tensor([0.2, 1.0, 0.7, 1.5], dtype=D),
+            o,
+            t,
+            weight=torch.tensor([0.2, 1.0, 0.7, 1.5], dtype=D),
             pos_weight=torch.tensor([0.5, 2.0, 1.0, 1.2], dtype=D),
         ),
         (5, 4),

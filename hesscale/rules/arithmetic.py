@@ -76,5 +76,3 @@ def div_rule(ctx: NodeContext):
             s_b = term if s_b is None else s_b + term
         s_b = sum_to(s_b, input_shape(ctx, 1))
     return s_a, s_b
-
-

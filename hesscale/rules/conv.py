@@ -40,8 +40,18 @@ def _explicit_padding(module: nn.Module) -> list[tuple[int, int]]:
 
 
 def convolution_curvatures(
-    s_out, h, weight, stride, padding, dilation, transposed, output_padding, groups,
-    need_input: bool, need_weight: bool, need_bias: bool,
+    s_out,
+    h,
+    weight,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
 ):
     """Eq. 8–9: ``(ŝ_h, ŝ_W, ŝ_b)`` by one ``aten.convolution_backward`` on ``ŝ`` with ``h²``
     and ``W²`` (symmetric zero padding)."""
@@ -94,8 +104,18 @@ def conv_rule(ctx: LayerContext) -> Backprop:
 
     def backward(s_out, h, need_input, need_params=True):
         return convolution_curvatures(
-            s_out, h, module.weight, module.stride, padding, module.dilation, transposed,
-            output_padding, module.groups, need_input, need_params, need_params and has_bias,
+            s_out,
+            h,
+            module.weight,
+            module.stride,
+            padding,
+            module.dilation,
+            transposed,
+            output_padding,
+            module.groups,
+            need_input,
+            need_params,
+            need_params and has_bias,
         )
 
     s_out = ctx.curvature_output

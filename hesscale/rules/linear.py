@@ -90,9 +90,7 @@ def addmm_rule(ctx: NodeContext):
     if s is None:
         return None, None, None
     alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
-    s_a, s_b = _product_curvatures(
-        ctx, s, "mat1", "mat2", ctx.needs[1], ctx.needs[2], float(alpha)
-    )
+    s_a, s_b = _product_curvatures(ctx, s, "mat1", "mat2", ctx.needs[1], ctx.needs[2], float(alpha))
     s_c = None
     if ctx.needs[0]:
         beta = float(beta)

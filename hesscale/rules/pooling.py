@@ -23,8 +23,10 @@ from torch import Tensor
 from ._registry import NodeContext, operation_rule
 from .shape import transpose_of
 
-def _inverse_divisor(kind: str, x: Tensor, kernel, stride, padding, ceil_mode, include_pad,
-                     divisor_override) -> Tensor:
+
+def _inverse_divisor(
+    kind: str, x: Tensor, kernel, stride, padding, ceil_mode, include_pad, divisor_override
+) -> Tensor:
     """``1/d_o`` per output window: ``avgpool(1) / sumpool(1)`` with the pooling's settings."""
     ones = torch.ones_like(x[:1, :1])
     pool = F.avg_pool2d if kind == "2d" else F.avg_pool3d

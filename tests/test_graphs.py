@@ -1,0 +1,331 @@
+"""HesScale on general computation graphs, against exact float64 ground truth and against the
+properties the graph rule implies: sums over consumers and over a parameter's uses, the loss
+side kept exact, and what is backpropagated being exactly what is estimated."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hesscale
+from hesscale.reference import exact_hessian_diagonal, ggn_diagonal
+
+from .conftest import assert_close_dicts
+
+D = torch.float64
+METHODS = ["hesscale", "hesscale_gn"]
+
+
+class ResidualMLP(nn.Module):
+    """Residual blocks of two tanh layers, post- or pre-activation, and a linear head."""
+
+    def __init__(self, width=5, blocks=2, pre=False, inputs=4, outputs=3):
+        super().__init__()
+        self.pre = pre
+        self.inp = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.Linear(width, width), nn.Linear(width, width)]) for _ in range(blocks)
+        )
+        self.head = nn.Linear(width, outputs)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for a, b in self.blocks:
+            if self.pre:
+                h = h + b(torch.tanh(a(torch.tanh(h))))
+            else:
+                h = torch.tanh(h + b(torch.tanh(a(h))))
+        return self.head(h)
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(h + self.conv2(F.relu(self.conv1(h))))
+        return self.head(h.mean((2, 3)))
+
+
+class Gated(nn.Module):
+    """A SwiGLU MLP block: ``W₃ (silu(W₁x) ⊙ W₂x)``, and a sigmoid gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(4, 6, bias=False), nn.Linear(4, 6, bias=False)
+        self.gate = nn.Linear(6, 6)
+        self.w3 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.silu(self.w1(x)) * self.w2(x)
+        return self.w3(h * torch.sigmoid(self.gate(h)))
+
+
+class TinyLM(nn.Module):
+    """Token and position embeddings, a GELU MLP on a residual stream, a tied output head."""
+
+    def __init__(self, vocab=7, width=6, context=4, tied=True):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(context, width) * 0.5)
+        self.fc1, self.fc2 = nn.Linear(width, 8), nn.Linear(8, width)
+        self.out = None if tied else nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos[: ids.shape[1]]
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        weight = self.tok.weight if self.out is None else self.out.weight
+        return F.linear(h, weight).flatten(0, 1)
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class Branching(nn.Module):
+    """Python control flow on the data: which layers run depends on the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.left, self.right = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.left(h)) if h.sum() > 0 else torch.sigmoid(self.right(h))
+        return self.head(h)
+
+
+def _classification(model, inputs=4, classes=3, n=5, seed=0):
+    torch.manual_seed(seed)
+    model = model.to(D)
+    return (
+        model,
+        nn.CrossEntropyLoss(),
+        torch.randn(n, inputs, dtype=D),
+        torch.randint(0, classes, (n,)),
+    )
+
+
+def _head(model, names):
+    return {n for n in names if n.startswith(("head.", "w3.", "b."))}
+
+
+NETWORKS = {
+    "residual-post": lambda: _classification(ResidualMLP()),
+    "residual-pre": lambda: _classification(ResidualMLP(pre=True)),
+    "gated-swiglu": lambda: _classification(Gated()),
+    "residual-cnn": lambda: (
+        ResidualCNN().to(D),
+        nn.CrossEntropyLoss(),
+        torch.randn(2, 2, 4, 4, dtype=D),
+        torch.tensor([0, 2]),
+    ),
+    "reused-module": lambda: _classification(Reused(), inputs=3, classes=2),
+    "branching": lambda: _classification(Branching(), inputs=3, classes=2),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", NETWORKS)
+def test_last_layer_is_exact_on_graphs(name, method):
+    """The loss side is exact, so the head (whose input no later layer mixes) is exact."""
+    torch.manual_seed(0)
+    model, loss_fn, x, y = NETWORKS[name]()
+    _, estimate = hesscale.diagonal(model, loss_fn, x, y, method=method)
+    exact = exact_hessian_diagonal(model, loss_fn, x, y)
+    head = _head(model, estimate)
+    assert head
+    assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
+    for k, v in estimate.items():
+        assert torch.isfinite(v).all() and v.shape == dict(model.named_parameters())[k].shape
+    inner = [k for k in estimate if k not in head]
+    assert any(not torch.allclose(estimate[k], exact[k], rtol=1e-3) for k in inner)
+
+
+def test_piecewise_linear_graph_gives_the_exact_ggn_where_no_branch_is_dropped():
+    """A ReLU residual network of width one has no off-diagonal terms inside the layers; only
+    the fan-out's cross terms are dropped: HesScale and HesScaleGN coincide."""
+    torch.manual_seed(0)
+    model = ResidualCNN().to(D)
+    x, y = torch.randn(2, 2, 4, 4, dtype=D), torch.tensor([0, 2])
+    _, h = hesscale.diagonal(model, nn.CrossEntropyLoss(), x, y)
+    _, gn = hesscale.diagonal(model, nn.CrossEntropyLoss(), x, y, method="hesscale_gn")
+    assert_close_dicts(h, gn)
+
+
+class Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh(), nn.Flatten(), nn.Linear(5, 3)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Functional(nn.Module):
+    """The same network written with functional calls and tensor methods."""
+
+    def __init__(self, plain: Plain):
+        super().__init__()
+        self.p = nn.ParameterList(p for p in plain.parameters())
+
+    def forward(self, x):
+        w0, b0, w1, b1, w2, b2 = self.p
+        h = F.relu(F.linear(x, w0, b0))
+        h = (h @ w1.T + b1).tanh()
+        return torch.addmm(b2, h.view(len(h), -1), w2.t())
+
+
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn", "bl89"])
+def test_functional_calls_equal_the_module_chain(method):
+    model, loss_fn, x, y = _classification(Plain())
+    _, chain = hesscale.diagonal(model, loss_fn, x, y, method=method)
+    functional = Functional(model)
+    _, graph = hesscale.diagonal(functional, loss_fn, x, y, method=method)
+    names = [n for n, _ in model.named_parameters()]
+    assert_close_dicts({f"p.{i}": chain[n] for i, n in enumerate(names)}, graph)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_reused_module_gets_the_sum_over_its_calls(method):
+    """Calling ``a`` twice equals two separate layers with the same weights, summed."""
+    model, loss_fn, x, y = _classification(Reused(), inputs=3, classes=2)
+
+    class Untied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a1, self.a2 = nn.Linear(3, 3).to(D), nn.Linear(3, 3).to(D)
+            self.b = nn.Linear(3, 2).to(D)
+            for copy in (self.a1, self.a2):
+                copy.load_state_dict(model.a.state_dict())
+            self.b.load_state_dict(model.b.state_dict())
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a2(torch.tanh(self.a1(x)))))
+
+    _, tied = hesscale.diagonal(model, loss_fn, x, y, method=method)
+    _, untied = hesscale.diagonal(Untied(), loss_fn, x, y, method=method)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(tied[f"a.{name}"], untied[f"a1.{name}"] + untied[f"a2.{name}"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tied_embeddings_get_the_sum_over_their_uses(method):
+    torch.manual_seed(0)
+    tied = TinyLM().to(D)
+    untied = TinyLM(tied=False).to(D)
+    untied.load_state_dict(tied.state_dict(), strict=False)
+    untied.out.weight.data.copy_(tied.tok.weight.data)
+    ids = torch.randint(0, 7, (3, 4))
+    targets = torch.randint(0, 7, (12,))
+    loss_fn = nn.CrossEntropyLoss()
+    _, a = hesscale.diagonal(tied, loss_fn, ids, targets, method=method)
+    _, b = hesscale.diagonal(untied, loss_fn, ids, targets, method=method)
+    torch.testing.assert_close(a["tok.weight"], b["tok.weight"] + b["out.weight"])
+    assert torch.isfinite(a["pos"]).all() and a["pos"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_data_dependent_branches_follow_the_pass_that_ran(method):
+    model, loss_fn, x, y = _classification(Branching(), inputs=3, classes=2)
+    for sign in (1.0, -1.0):  # make the branch go either way
+        model.a.bias.data.fill_(sign * 5.0)
+        model.zero_grad()
+        _, estimate = hesscale.diagonal(model, loss_fn, x, y, method=method)
+        ran, skipped = ("left", "right") if sign > 0 else ("right", "left")
+        assert estimate[f"{ran}.weight"].abs().sum() > 0
+        assert torch.equal(estimate[f"{skipped}.weight"], torch.zeros(3, 3, dtype=D))
+        exact = exact_hessian_diagonal(model, loss_fn, x, y)
+        assert_close_dicts(
+            {"head.weight": estimate["head.weight"]}, {"head.weight": exact["head.weight"]}
+        )
+
+
+def _estimate_of(model, backpropagated, method="hesscale"):
+    """``p.hess_diag`` after ``backpropagated(model).backward()`` with an optimizer's request."""
+    hesscale.extend(model)
+    hesscale.request(model.parameters(), method)
+    try:
+        model.zero_grad()
+        backpropagated(model).backward()
+        return {n: p.hess_diag.clone() for n, p in model.named_parameters()}
+    finally:
+        hesscale.request(model.parameters(), None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_several_forward_passes_and_losses_add_up(method):
+    """The two silent cases of the chain engine: ``L(f(x1)) + L(f(x2))`` is estimated as the
+    sum of the two, and its head is exact."""
+    model, loss_fn, x, y = _classification(ResidualMLP())
+    x2, y2 = torch.randn(4, 4, dtype=D), torch.randint(0, 3, (4,))
+    both = _estimate_of(model, lambda m: loss_fn(m(x), y) + 0.5 * loss_fn(m(x2), y2), method)
+    first = _estimate_of(model, lambda m: loss_fn(m(x), y), method)
+    second = _estimate_of(model, lambda m: 0.5 * loss_fn(m(x2), y2), method)
+    assert_close_dicts(both, {k: first[k] + second[k] for k in first})
+
+    def total(out, target):  # the same objective as one function of the parameters
+        return loss_fn(out[: len(x)], y) + 0.5 * loss_fn(out[len(x) :], y2)
+
+    exact = exact_hessian_diagonal(model, total, torch.cat([x, x2]), None)
+    for k in ("head.weight", "head.bias"):
+        torch.testing.assert_close(both[k], exact[k])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_l2_penalty_adds_exactly_two_lambda(method):
+    model, loss_fn, x, y = _classification(ResidualMLP(pre=True))
+    lam = 0.1
+    penalized = _estimate_of(
+        model,
+        lambda m: loss_fn(m(x), y) + lam * sum((p**2).sum() for p in m.parameters()),
+        method,
+    )
+    plain = _estimate_of(model, lambda m: loss_fn(m(x), y), method)
+    assert_close_dicts(penalized, {k: v + 2 * lam for k, v in plain.items()})
+    exact = exact_hessian_diagonal(model, loss_fn, x, y)
+    torch.testing.assert_close(penalized["head.weight"], exact["head.weight"] + 2 * lam)
+
+
+def test_a_scaled_loss_scales_the_estimate():
+    model, loss_fn, x, y = _classification(Gated())
+    scaled = _estimate_of(model, lambda m: 8.0 * loss_fn(m(x), y))
+    plain = _estimate_of(model, lambda m: loss_fn(m(x), y))
+    assert_close_dicts(scaled, {k: 8.0 * v for k, v in plain.items()})
+
+
+@pytest.mark.parametrize("name", ["residual-post", "gated-swiglu", "residual-cnn"])
+def test_individual_estimates_on_graphs_are_the_single_example_estimates(name):
+    model, loss_fn, x, y = NETWORKS[name]()
+    loss_fn.reduction = "sum"
+    _, each = hesscale.diagonal(model, loss_fn, x, y, individual=True)
+    for i in range(len(x)):
+        _, single = hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1])
+        assert_close_dicts({k: v[i] for k, v in each.items()}, single)
+
+
+def test_ggn_mc_on_a_graph_converges_to_the_ggn_of_the_head():
+    model, loss_fn, x, y = _classification(ResidualMLP())
+    generator = torch.Generator().manual_seed(0)
+    _, mc = hesscale.diagonal(
+        model, loss_fn, x, y, method="ggn_mc", samples=4000, generator=generator
+    )
+    exact = ggn_diagonal(model, loss_fn, x, y)
+    for k in ("head.weight", "inp.weight"):
+        scale = exact[k].abs().max()
+        torch.testing.assert_close(mc[k] / scale, exact[k] / scale, rtol=0.1, atol=0.05)
