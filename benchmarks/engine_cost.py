@@ -6,7 +6,9 @@ computing gradients alone (an un-extended copy of the model), and the ratio of p
 (the model's parameters, plus the estimates and buffers the engine keeps between steps, plus
 the peak allocated during a warm step; the plain pass re-allocates its gradients each step).
 Also reports an extended model with no estimate requested (what plain Adam on an extended
-model pays).
+model pays), a residual MLP of the Fig. 2b size (4 blocks of two 512-wide tanh layers), and the
+engine's cost per node of autograd's graph, ``(t_hesscale − t_plain) / nodes``, which batch 1
+shows best.
 
     python benchmarks/engine_cost.py [--rounds 20] [--batch-sizes 1 128] [--json out.json]
 """
@@ -22,7 +24,12 @@ import torch
 from torch import nn
 
 import hesscale
-from hesscale.experiments.networks import fig2a_network, fig2b_network, parameter_count
+from hesscale.experiments.networks import (
+    fig2a_network,
+    fig2b_network,
+    parameter_count,
+    residual_network,
+)
 from hesscale.experiments.timing import interleaved_times, peak_memory
 
 METHODS = ["hesscale", "hesscale_gn", "bl89", "ggn_mc"]
@@ -33,6 +40,19 @@ def networks():
         yield f"L={layers} (100 out)", lambda layers=layers: fig2b_network(layers)
     for outputs in (16, 64, 256, 512):
         yield f"1 hidden, {outputs} out", lambda outputs=outputs: fig2a_network(outputs)
+    yield "residual 4x2 (100 out)", residual_network
+
+
+def graph_nodes(loss) -> int:
+    """The number of autograd nodes behind ``loss``."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(child for child, _ in node.next_functions)
+    return len(seen)
 
 
 def _bytes(tensors) -> int:
@@ -46,7 +66,7 @@ def measure(make, batch: int, rounds: int, device: str):
     plain = make().to(device)
     model = hesscale.extend(copy.deepcopy(plain))
     loss_fn = hesscale.extend(nn.CrossEntropyLoss())
-    outputs = model[-1].out_features
+    outputs = model.out_features if hasattr(model, "out_features") else model[-1].out_features
     x = torch.randn(batch, 64, device=device)
     y = torch.randint(0, outputs, (batch,), device=device)
 
@@ -83,7 +103,8 @@ def measure(make, batch: int, rounds: int, device: str):
             kept += [t for ws in state.workspaces.values() for t in ws.values()]
         memory[name] = resident + _bytes(kept) + peak_memory(run, device)
         hesscale.request(fresh.parameters(), None)
-    return parameter_count(plain), times, memory
+    nodes = graph_nodes(loss_fn(plain(x), y))
+    return parameter_count(plain), times, memory, nodes
 
 
 def main(argv=None):
@@ -100,14 +121,16 @@ def main(argv=None):
     )
     rows = []
     names = ["extended, no request"] + METHODS
-    header = f"{'network':<22}{'batch':>6}{'params':>10} | " + " ".join(
-        f"{n[:12]:>12}" for n in names
+    header = (
+        f"{'network':<22}{'batch':>6}{'params':>10} | "
+        + " ".join(f"{n[:12]:>12}" for n in names)
+        + f" | {'nodes':>5} {'µs/node':>8}"
     )
     print("time over plain forward+backward (peak memory ratio in brackets)")
     print(header)
     for label, make in networks():
         for batch in args.batch_sizes:
-            count, times, memory = measure(make, batch, args.rounds, args.device)
+            count, times, memory, nodes = measure(make, batch, args.rounds, args.device)
             base_t, base_m = times["plain"]["median"], max(memory["plain"], 1)
             cells = []
             row = {
@@ -116,6 +139,7 @@ def main(argv=None):
                 "params": count,
                 "plain_seconds": base_t,
                 "plain_peak_bytes": memory["plain"],
+                "graph_nodes": nodes,
             }
             for n in names:
                 ratio_t = times[n]["median"] / base_t
@@ -126,9 +150,13 @@ def main(argv=None):
                     "seconds": times[n]["median"],
                 }
                 cells.append(f"{ratio_t:5.2f}x({ratio_m:4.2f})")
+            per_node = (times["hesscale"]["median"] - base_t) / nodes * 1e6
+            row["hesscale_microseconds_per_node"] = per_node
             rows.append(row)
             print(
-                f"{label:<22}{batch:>6}{count:>10} | " + " ".join(f"{c:>12}" for c in cells),
+                f"{label:<22}{batch:>6}{count:>10} | "
+                + " ".join(f"{c:>12}" for c in cells)
+                + f" | {nodes:>5} {per_node:8.1f}",
                 flush=True,
             )
     if args.json:

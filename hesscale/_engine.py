@@ -43,8 +43,12 @@ Hessian and backpropagates them to the layer calls with one batched ``autograd.g
 ``torch.autograd.backward(loss)`` and ``torch.autograd.grad`` bypass ``Tensor.backward``: they
 compute gradients and no estimate, which the optimizers report as a missing estimate.
 
-Measured (``benchmarks/engine_cost.py``, 2-core CPU, one thread, float32): the walk and the
-hooks alone cost about 15 µs per node of the graph and pass.
+Measured (``benchmarks/engine_cost.py``, this project's 2-core x86 CPU, one thread, float32):
+the estimate costs 1.77–1.87× a plain forward+backward at batch 128 on the Fig. 2b chains with
+4–16 layers and 1.82× on a residual MLP of the same size (4 blocks of two 512-wide tanh
+layers); the chain engine it replaces cost 1.9–2.2×. At batch 1 the arithmetic of the rules
+(squaring 512×512 weights) dominates; the walk and the prehooks cost about 13 µs per node of
+the graph (cProfile, Fig. 2b L=4, 26 nodes).
 """
 
 from __future__ import annotations

@@ -33,3 +33,31 @@ def fig2b_network(layers: int) -> nn.Sequential:
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class ResidualTanhMLP(nn.Module):
+    """``inputs → width``, then residual blocks ``h + W₂ tanh(W₁ h)`` each followed by a tanh,
+    then ``width → outputs``: a graph with fan-out at every block."""
+
+    def __init__(self, inputs: int, width: int, blocks: int, outputs: int):
+        super().__init__()
+        self.inp = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+            for _ in range(blocks)
+        )
+        self.act = nn.Tanh()
+        self.head = nn.Linear(width, outputs)
+        self.out_features = outputs
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        for block in self.blocks:
+            h = self.act(h + block(h))
+        return self.head(h)
+
+
+def residual_network(blocks: int = 4) -> ResidualTanhMLP:
+    """The Fig. 2b network's size as a residual MLP: 64 inputs, ``blocks`` blocks of two
+    512-wide tanh layers, 100 outputs."""
+    return ResidualTanhMLP(64, 512, blocks, 100)

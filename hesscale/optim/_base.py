@@ -141,9 +141,10 @@ class CurvatureAdam(Optimizer):
                 raise RuntimeError(
                     f"{type(self).__name__}.step() found no {self.method} estimate from the last "
                     f"backward pass for a parameter of shape {tuple(p.shape)}. Extend the model "
-                    "and the loss before training (model = hesscale.extend(model); loss_fn = "
-                    "hesscale.extend(loss_fn)), apply loss_fn directly to the model's output, "
-                    "and call loss.backward() before every step()."
+                    "before training (model = hesscale.extend(model); for AdaGGNMC also "
+                    "loss_fn = hesscale.extend(loss_fn)) and call loss.backward() before every "
+                    "step() (torch.autograd.backward and torch.autograd.grad compute no "
+                    "estimate)."
                 )
             self._consumed[id(p)] = ident
             result.append(getattr(p, ESTIMATE_ATTRIBUTE))
