@@ -537,6 +537,11 @@ def _apply(pass_: _Pass, node, grads) -> None:
         results = info.rule(ctx)
     except NotImplementedError as error:
         pass_._refuse(node, f"is used in a way its rule does not support: {error}", "")
+    if len(results) < len(info.edges) and any(info.needs[len(results) :]):
+        raise RuntimeError(
+            f"the rule of {type(node).__name__} returned {len(results)} curvatures for "
+            f"{len(info.edges)} inputs; return one (or None) per input"
+        )
     for (child, output_nr), need, s in zip(info.edges, info.needs, results):
         if not need or s is None:
             continue
