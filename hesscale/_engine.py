@@ -241,9 +241,8 @@ def _layer_inputs(output_node, calls: dict) -> tuple:
 class _Pass:
     """The curvature pass of one ``backward()`` (see the module docstring)."""
 
-    def __init__(self, root, forwards: list[_Forward]):
+    def __init__(self, forwards: list[_Forward]):
         self.id = next(_pass_ids)
-        self.root = root
         self.forwards = forwards
         first = forwards[0]
         self.method, self.options, self.dtype = first.method, first.options, first.dtype
@@ -253,6 +252,7 @@ class _Pass:
         self.received: dict[Tensor, int] = {}
         self.estimates: dict[Tensor, Tensor] = {}
         self.handles: list[RemovableHandle] = []
+        self.layer_params: dict[int, list[Tensor]] = {}  # id(call) -> its estimated parameters
 
     @property
     def loss_factor(self) -> Tensor | None:
@@ -267,7 +267,7 @@ class _Pass:
         start = root.grad_fn
         if start is None:
             return None
-        order, info, forwards = [], {}, {}
+        order, info, forwards, markers = [], {}, {}, []
         stack = [(start, False)]
         while stack:
             node, expanded = stack.pop()
@@ -288,6 +288,7 @@ class _Pass:
             forward = meta.get(_OUTPUT_TAG)
             if forward is not None:
                 forwards[id(forward)] = forward
+                markers.append((node, forward))
             stack.append((node, True))
             for child, _ in edges:
                 if child is not None and child not in info:
@@ -300,9 +301,9 @@ class _Pass:
                 f"one backward pass computes one estimate, but its forward passes request "
                 f"{sorted(methods)}"
             )
-        pass_ = cls(root, list(forwards.values()))
+        pass_ = cls(list(forwards.values()))
         pass_.info = info
-        pass_._mark_network()
+        pass_._mark_network(markers)
         pass_._mark_needs(order)
         if pass_.method.monte_carlo:
             pass_._plan_monte_carlo()
@@ -317,13 +318,10 @@ class _Pass:
             return True
         return any(f.forced and p in f.state.param_set for f in self.forwards)
 
-    def _mark_network(self) -> None:
+    def _mark_network(self, markers) -> None:
+        self.markers = markers
         stack = [
-            child
-            for node, info in self.info.items()
-            if not _is_leaf(node) and _OUTPUT_TAG in node.metadata
-            for child, _ in info.edges
-            if child is not None
+            child for node, _ in markers for child, _ in self.info[node].edges if child is not None
         ]
         while stack:
             node = stack.pop()
@@ -357,11 +355,12 @@ class _Pass:
         self.useful = useful
 
     def _layer_params(self, call: _LayerCall) -> list[Tensor]:
-        return [
-            p
-            for p in call.module.parameters(recurse=True)
-            if p.requires_grad and self._estimated(p)
-        ]
+        params = self.layer_params.get(id(call))
+        if params is None:
+            params = self.layer_params[id(call)] = [
+                p for p in call.module.parameters() if p.requires_grad and self._estimated(p)
+            ]
+        return params
 
     def _where(self, node) -> str:
         for f in self.forwards:
@@ -446,9 +445,7 @@ class _Pass:
                         "calls; its per-example gradients would have to be summed before "
                         "squaring, which is not supported: use method='hesscale'"
                     )
-        output_alias = next(
-            n for n in self.info if not _is_leaf(n) and n.metadata.get(_OUTPUT_TAG) is forward
-        )
+        output_alias = next(node for node, f in self.markers if f is forward)
         self.handles.append(output_alias.register_prehook(partial(_on_monte_carlo, self, forward)))
 
     # --- running --------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 ``diag(G) ≈ (1/k) Σ_m Σ_n (J_{θ,n}ᵀ v_{nm})²`` with ``v`` a square-root factor of the loss
 Hessian sampled at the output (:func:`hesscale.baselines.sample_hessian_factor`). One extra
-backward pass of the factors through the recorded chain gives ``δ = J_aᵀ v`` at every layer
-output, per example (examples do not interact in a chain); each layer then squares its
+batched backward pass of the factors through the graph gives ``δ = J_aᵀ v`` at the output of
+every layer call, per example (as long as the forward does not mix examples); each layer then
+squares its
 per-example parameter gradients ``g_n = ∂⟨δ_n, f(h_n)⟩/∂θ``:
 
     Linear:        g_n = Σ_t δ_{n,t} ⊗ h_{n,t}    (t: positions other than the batch)

@@ -31,8 +31,9 @@ def diagonal(
     """Estimate the diagonal of the Hessian of ``loss_fn(model(inputs), target)``.
 
     Args:
-        model: a chain of supported modules (extended if it was not).
-        loss_fn: a supported loss; its reduction decides what the estimate is of.
+        model: any model whose forward uses operations with a rule (extended if it was not).
+        loss_fn: a loss module or function of the output and target; its reduction decides
+            what the estimate is of (GGN-MC and KFAC-MC need a supported loss module).
         inputs, target: one batch.
         method: one of :data:`ESTIMATORS`: ``hesscale``, ``hesscale_gn``, ``bl89`` (the engine),
             ``exact``, ``ggn``, ``ggn_mc``, ``hutchinson``, ``kfac_mc``, ``grad_sq``.

@@ -175,6 +175,14 @@ CASES.update(
             target_fn=_labels(3),
             loss_fn=nn.NLLLoss,
         ),
+        "inner-softmax": dict(
+            model_fn=lambda: nn.Sequential(
+                nn.Linear(4, 5), nn.Softmax(dim=1), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)
+            ),
+            input_fn=lambda: torch.randn(N, 4) * 2,
+            target_fn=_labels(3),
+            loss_fn=nn.CrossEntropyLoss,
+        ),
         "linear-on-sequence": dict(
             model_fn=lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)),
             input_fn=lambda: torch.randn(N, 3, 4),

@@ -76,7 +76,11 @@ OPERATIONS = {
     "reciprocal": (lambda p: 1 / p["a"], {"a": (3, 4)}, ("a",)),
     "sin-cos": (lambda p: p["a"].sin() + p["b"].cos(), {"a": (3, 4), "b": (3, 4)}),
     "abs": (lambda p: p["a"].abs(), {"a": (3, 4)}),
-    "clamp": (lambda p: p["a"].clamp(min=-0.3) + p["b"].clamp(max=0.2), {"a": (5,), "b": (5,)}),
+    "clamp": (lambda p: p["a"].clamp(-0.3, 0.4) + p["b"].clamp(max=0.2), {"a": (5,), "b": (5,)}),
+    "clamp-min-max": (
+        lambda p: torch.clamp_min(p["a"], -0.3) + torch.clamp_max(p["b"], 0.2),
+        {"a": (5,), "b": (5,)},
+    ),
     # arithmetic with scalars and tensors, broadcasting
     "scalar-arithmetic": (
         lambda p: (2.5 * p["a"] - 1) / 3 + (1 - p["b"]) - p["c"],
@@ -136,7 +140,7 @@ OPERATIONS = {
         {"a": (3, 4)},
     ),
     "permute-transpose": (
-        lambda p: p["a"].permute(2, 0, 1).transpose(0, 1).contiguous().T,
+        lambda p: p["a"].permute(2, 0, 1).transpose(0, 1).contiguous().mT,
         {"a": (2, 3, 4)},
     ),
     "expand": (
@@ -163,6 +167,46 @@ OPERATIONS = {
     "unbind-pad": (
         lambda p: torch.cat([F.pad(q, (1, 2)) for q in p["a"].unbind(0)]),
         {"a": (2, 3)},
+    ),
+    "flip-roll-repeat": (
+        lambda p: torch.cat(
+            [p["a"].flip(1).flatten(), p["a"].roll(1, 0).flatten(), p["a"].repeat(2, 1).flatten()]
+        ),
+        {"a": (2, 3)},
+    ),
+    "gather-index-select-narrow": (
+        lambda p, i: torch.cat(
+            [
+                p["a"].gather(1, i).flatten(),
+                p["a"].index_select(1, i[0]).flatten(),
+                p["a"].narrow(1, 1, 2).flatten(),
+            ]
+        ),
+        {"a": (2, 4)},
+        (),
+        {"i": torch.tensor([[0, 3, 3], [2, 1, 0]])},
+    ),
+    "masked-fill-diagonal": (
+        lambda p, m: torch.cat([p["a"].masked_fill(m, 0.0).flatten(), p["a"].diagonal()]),
+        {"a": (3, 3)},
+        (),
+        {"m": torch.tensor([[True, False, False], [False, True, True], [False, False, False]])},
+    ),
+    "unfold-as-strided": (
+        lambda p: torch.cat(
+            [p["a"].unfold(0, 3, 2).flatten(), p["a"].as_strided((2, 2), (2, 1)).flatten()]
+        ),
+        {"a": (7,)},
+    ),
+    "squeeze-variants": (
+        lambda p: torch.cat(
+            [p["a"].squeeze().flatten(), p["a"].squeeze(0).flatten(), p["a"].squeeze((0, 2))]
+        ),
+        {"a": (1, 3, 1)},
+    ),
+    "unsafe-split": (
+        lambda p: torch.cat([q * (i + 2) for i, q in enumerate(torch.unsafe_split(p["a"], 2))]),
+        {"a": (4,)},
     ),
     "sum-mean": (
         lambda p: torch.stack(
@@ -194,6 +238,10 @@ OPERATIONS = {
         {"a": (1, 2, 4, 4)},
     ),
     "avg-pool3d": (lambda p: F.avg_pool3d(p["a"], 2, stride=1), {"a": (1, 1, 3, 3, 3)}),
+    "adaptive-avg-pool3d": (
+        lambda p: F.adaptive_avg_pool3d(p["a"], (2, 1, 3)),
+        {"a": (1, 2, 3, 4, 5)},
+    ),
     "adaptive-avg-pool2d": (lambda p: F.adaptive_avg_pool2d(p["a"], (2, 3)), {"a": (2, 2, 5, 5)}),
     # softmax inside a network
     "softmax": (lambda p: torch.softmax(p["a"], 1), {"a": (3, 5)}),
@@ -203,6 +251,17 @@ OPERATIONS = {
 
 
 LOSS_SIDE = {"log-softmax"}
+
+
+def test_a_cast_passes_curvature_through_in_the_cast_dtype():
+    """``ToCopyBackward0``: J = I, so ŝ passes through, rounded to float32 on the way."""
+    torch.manual_seed(0)
+    model = Operation(lambda p: p["a"].float().double() * 2, {"a": (3,)})
+    target = (torch.rand(3, dtype=D) + 0.1, torch.randn(3, dtype=D))
+    x = torch.zeros(1, dtype=D)
+    _, estimate = hesscale.diagonal(model, quadratic, x, target)
+    exact = exact_hessian_diagonal(model, quadratic, x, target)
+    torch.testing.assert_close(estimate["p.a"], exact["p.a"], rtol=1e-6, atol=0)
 
 
 def _build(name, seed=0):

@@ -30,7 +30,6 @@ SELECTIONS = (
     "MaskedFillBackward0",
     "MaxPool2DWithIndicesBackward0",
     "MaxPool3DWithIndicesBackward0",
-    "NarrowBackward0",
     "PermuteBackward0",
     "RepeatBackward0",
     "ReshapeAliasBackward0",
@@ -54,8 +53,6 @@ SELECTIONS = (
     "UnsafeViewBackward0",
     "UnsqueezeBackward0",
     "ViewBackward0",
-    "AddBackward1",
-    "SubBackward1",
     "EmbeddingBackward0",
 )
 

@@ -51,22 +51,13 @@ def log_softmax_rule(ctx: NodeContext):
 
 @operation_rule("SoftmaxBackward0")
 def softmax_rule(ctx: NodeContext):
-    """The Softmax rule above; BL89 treats it element-wise (``σ' = p − p²``,
-    ``σ'' = (p − p²)(1 − 2p)``)."""
+    """The Softmax rule above (for every method: BL89 differs only at the loss)."""
     if not ctx.needs[0]:
         return (None,)
     p = ctx.saved("result")
     dim = softmax_dim(ctx)
     s, g = ctx.s, ctx.g
     s_in = None
-    if not ctx.method.exact_output:
-        df = p - p * p
-        if s is not None:
-            s_in = df * df * s
-        if ctx.second_order and g is not None:
-            term = df * (1 - 2 * p) * g
-            s_in = term if s_in is None else s_in + term
-        return (s_in,)
     if s is not None:
         s_in = p * p * ((1 - 2 * p) * s + (p * p * s).sum(dim, keepdim=True))
     if ctx.second_order and g is not None:
