@@ -2,6 +2,7 @@
 
 hesscale reproduce            Fig. 1 (approximation quality), then Fig. 2 (cost)
 hesscale reproduce fig1 [--out DIR] [--seeds N] [--examples N]
+                        [--architecture mlp|residual|gated|cnn|lm]
 hesscale reproduce fig2 [--out DIR] [--full] [--batch-size B] [--loss mse|ce]
                         [--include-forward] [--rounds R] [--device cpu|cuda]
 """
@@ -15,10 +16,17 @@ import sys
 def _fig1(args) -> None:
     from .experiments import fig1
 
-    summary = fig1.run(args.out or "results/fig1", seeds=args.seeds, examples=args.examples)
-    print(f"\nFig. 1: mean L1 error over {args.seeds} initialisations, relative to HesScale")
+    default = "results/fig1" if args.architecture == "mlp" else f"results/fig1-{args.architecture}"
+    out = args.out or default
+    summary = fig1.run(
+        out, seeds=args.seeds, examples=args.examples, architecture=args.architecture
+    )
+    print(
+        f"\nFig. 1 ({args.architecture}): mean L1 error over {args.seeds} initialisations, "
+        "relative to HesScale"
+    )
     print(fig1.table(summary))
-    print(f"written: {args.out or 'results/fig1'}/fig1.json, fig1a.png, fig1b.png")
+    print(f"written: {out}/fig1.json, fig1a.png, fig1b.png")
 
 
 def _fig2(args) -> None:
@@ -118,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     group1 = reproduce.add_argument_group("fig1")
     group1.add_argument("--seeds", type=int, default=40, help="initialisations (default 40)")
     group1.add_argument("--examples", type=int, default=1000, help="examples per initialisation")
+    group1.add_argument(
+        "--architecture",
+        default="mlp",
+        choices=["mlp", "residual", "gated", "cnn", "lm"],
+        help="the paper's MLP (default) or a graph of the same size: residual MLP, gated "
+        "(SwiGLU) MLP, residual CNN, tiny LM with tied embeddings",
+    )
     group2 = reproduce.add_argument_group("fig2")
     group2.add_argument("--full", action="store_true", help="panel (b) up to 128 hidden layers")
     group2.add_argument("--batch-size", type=int, default=1)

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+import hesscale
 from hesscale.cli import main
 from hesscale.experiments import fig1, fig2
 
@@ -85,3 +87,43 @@ def test_step_cost_times_a_problem_network():
     assert point["ratio_to_adam"]["Adam"] == 1.0
     assert all(point["weights_finite"].values())
     assert point["params"] == sum(p.numel() for p in build_network(problem).parameters())
+
+
+def test_fig1_on_graphs_reports_what_is_not_defined(tmp_path, capsys):
+    out = tmp_path / "lm"
+    main(
+        [
+            "reproduce",
+            "fig1",
+            "--architecture",
+            "lm",
+            "--out",
+            str(out),
+            "--seeds",
+            "1",
+            "--examples",
+            "3",
+        ]
+    )
+    summary = json.loads((out / "fig1.json").read_text())
+    assert summary["config"]["architecture"] == "lm"
+    assert set(summary["not_defined"]) == {"GGN-MC1", "GGN-MC50", "KFAC-MC1", "KFAC-MC50"}
+    assert summary["methods"]["HesScale"]["normalized"] == [1.0]
+    assert {"tok", "<root>", "fc1", "fc2"} == set(summary["methods"]["HesScale"]["per_layer"])
+    assert "not defined for this network" in capsys.readouterr().out
+    assert (out / "fig1a.png").stat().st_size > 0
+
+
+def test_fig1_graph_seed_uses_per_example_estimates_that_match_single_examples():
+    """The residual network runs with individual=True; its errors equal the loop's."""
+    from hesscale.experiments.networks import ResidualTanhMLP
+
+    torch.manual_seed(0)
+    model = ResidualTanhMLP(6, 16, 2, 10).double()
+    x, y = torch.randn(3, 6, dtype=torch.float64), torch.tensor([1, 4, 7])
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    batch = fig1.estimate("HesScale", "hesscale", 1, model, loss_fn, x, y, None)
+    for i in range(3):
+        _, single = hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1])
+        for k in single:
+            torch.testing.assert_close(batch[k][i], single[k])

@@ -9,8 +9,14 @@ initialisation. ``|diag(H)|`` (the error of an all-zero estimate) is the referen
 
 All examples of one initialisation are processed as one batch with per-example estimates
 (``individual=True``, sum reduction: each example's loss is its own cross-entropy), which gives
-the same numbers as a loop over single examples. Each initialisation's result is written
-atomically to ``seeds/seed_XXXX.json``; a rerun skips finished seeds.
+the same numbers as a loop over single examples (the loop is used where a network has
+parameters outside layers with per-example rules). Each initialisation's result is written
+atomically to ``seeds/``; a rerun skips finished seeds.
+
+``architecture`` asks the same question of graphs (:data:`ARCHITECTURES`): a residual MLP, a
+gated (SwiGLU) MLP, a residual CNN and a tiny language model with tied embeddings, all of the
+Fig. 1 size. A method that does not apply to a network (KFAC-MC beyond Linear layers) is
+reported as not defined.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import hesscale
+from hesscale import UnsupportedModuleError
 from hesscale.baselines import hutchinson_from_probes, kfac_mc, rademacher_like
 from hesscale.reference import exact_hessian_diagonal, ggn_diagonal
 
 from .io import atomic_write_json, environment_record, progress
-from .networks import fig1_network
+from .networks import GatedMLP, ResidualCNN, ResidualTanhMLP, TinyLM, fig1_network
 
 REFERENCE = "|diag(H)|"
 # (label, method, samples); the order is the figure's
@@ -50,12 +57,42 @@ METHODS: list[tuple[str, str, int]] = [
 CHUNK = 250  # examples per vmap call of the dense per-example computations
 
 
+def _vectors(generator, n, dtype):
+    return torch.randn(n, 6, generator=generator, dtype=dtype), torch.randint(
+        0, 10, (n,), generator=generator
+    )
+
+
+def _images(generator, n, dtype):
+    return torch.randn(n, 1, 6, 6, generator=generator, dtype=dtype), torch.randint(
+        0, 10, (n,), generator=generator
+    )
+
+
+def _tokens(generator, n, dtype):
+    ids = torch.randint(0, 10, (n, 4), generator=generator)
+    return ids, torch.randint(0, 10, (n, 4), generator=generator)
+
+
+# name: (network factory, data factory (generator, examples, dtype) -> inputs, labels)
+ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable]] = {
+    "mlp": (fig1_network, _vectors),
+    "residual": (lambda: ResidualTanhMLP(6, 16, 2, 10), _vectors),
+    "gated": (GatedMLP, _vectors),
+    "cnn": (ResidualCNN, _images),
+    "lm": (TinyLM, _tokens),
+}
+
+
 def _layers(model: nn.Module) -> list[tuple[str, list[str]]]:
-    """Each Linear layer's name and its parameters' names."""
+    """Each module that owns parameters, and its parameters' names."""
     return [
-        (name, [f"{name}.{p}" for p, _ in m.named_parameters()])
+        (
+            name or "<root>",
+            [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)],
+        )
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
+        if any(True for _ in m.parameters(recurse=False))
     ]
 
 
@@ -117,23 +154,28 @@ def per_example_grad_sq(model, loss_fn, x, y) -> dict[str, Tensor]:
 
 
 def estimate(label, method, samples, model, loss_fn, x, y, generator) -> dict[str, Tensor]:
-    """Per-example estimates ``{name: (N, *shape)}`` of one method of the figure."""
+    """Per-example estimates ``{name: (N, *shape)}`` of one method of the figure, or None where
+    the method is not defined for the network."""
     if method in ("hesscale", "hesscale_gn", "bl89", "ggn_mc"):
-        _, result = hesscale.diagonal(
-            model,
-            loss_fn,
-            x,
-            y,
-            method=method,
-            individual=True,
-            samples=samples,
-            generator=generator,
-        )
-        return result
+        options = dict(method=method, samples=samples, generator=generator)
+        try:
+            return hesscale.diagonal(model, loss_fn, x, y, individual=True, **options)[1]
+        except UnsupportedModuleError:  # parameters outside per-example layers: one by one
+            try:
+                singles = [
+                    hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1], **options)[1]
+                    for i in range(len(x))
+                ]
+            except UnsupportedModuleError:  # GGN-MC on parameters outside layers
+                return None
+            return {k: torch.stack([e[k] for e in singles]) for k in singles[0]}
     if method == "kfac_mc":
-        _, result = kfac_mc(
-            model, loss_fn, x, y, samples=samples, generator=generator, individual=True
-        )
+        try:
+            _, result = kfac_mc(
+                model, loss_fn, x, y, samples=samples, generator=generator, individual=True
+            )
+        except UnsupportedModuleError:
+            return None
         return result
     if method == "ggn":
         return per_example_ggn(model, loss_fn, x, y)
@@ -144,13 +186,14 @@ def estimate(label, method, samples, model, loss_fn, x, y, generator) -> dict[st
     raise ValueError(f"unknown method {method!r} of label {label!r}")
 
 
-def run_seed(seed: int, examples: int, dtype=torch.float64) -> dict:
-    """One initialisation: per method, the mean (over examples) L1 error, total and per layer."""
+def run_seed(seed: int, examples: int, dtype=torch.float64, architecture: str = "mlp") -> dict:
+    """One initialisation: per method, the mean (over examples) L1 error, total and per layer
+    (None for a method not defined for the network)."""
+    make, data_fn = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
-    model = fig1_network().to(dtype)
+    model = make().to(dtype)
     data = torch.Generator().manual_seed(10_000 + seed)
-    x = torch.randn(examples, 6, generator=data, dtype=dtype)
-    y = torch.randint(0, 10, (examples,), generator=data)
+    x, y = data_fn(data, examples, dtype)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     layers = _layers(model)
     exact = per_example_exact(model, loss_fn, x, y)
@@ -166,34 +209,47 @@ def run_seed(seed: int, examples: int, dtype=torch.float64) -> dict:
     noise = torch.Generator().manual_seed(20_000 + seed)
     for label, method, samples in METHODS:
         model.zero_grad(set_to_none=True)
-        result[label] = errors(estimate(label, method, samples, model, loss_fn, x, y, noise))
+        est = estimate(label, method, samples, model, loss_fn, x, y, noise)
+        result[label] = None if est is None else errors(est)
     base = result["HesScale"]["total"]
     for entry in result.values():
-        entry["normalized"] = entry["total"] / base
+        if entry is not None:
+            entry["normalized"] = entry["total"] / base
     return result
 
 
-def run(out: str | Path = "results/fig1", seeds: int = 40, examples: int = 1000) -> dict:
+def run(
+    out: str | Path = "results/fig1",
+    seeds: int = 40,
+    examples: int = 1000,
+    architecture: str = "mlp",
+) -> dict:
     """Run (or resume) the whole protocol; write ``fig1.json`` and the plots; return the summary."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}"
+        )
     out = Path(out)
     seed_dir = out / "seeds"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    config = {"seeds": seeds, "examples": examples, "dtype": "float64"}
+    config = {
+        "seeds": seeds,
+        "examples": examples,
+        "dtype": "float64",
+        "architecture": architecture,
+    }
+    tag = "" if architecture == "mlp" else f"{architecture}_"
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.perf_counter()
-    with progress(total=seeds, desc="fig1 initialisations", unit="init") as bar:
-        for seed in range(seeds):
-            path = seed_dir / f"seed_{seed:04d}_n{examples}.json"
+    paths = [seed_dir / f"{tag}seed_{seed:04d}_n{examples}.json" for seed in range(seeds)]
+    with progress(total=seeds, desc=f"fig1 ({architecture}) initialisations", unit="init") as bar:
+        for seed, path in enumerate(paths):
             if not path.exists():
-                atomic_write_json(
-                    path, {"seed": seed, "examples": examples, "errors": run_seed(seed, examples)}
-                )
+                errors = run_seed(seed, examples, architecture=architecture)
+                atomic_write_json(path, {"seed": seed, "examples": examples, "errors": errors})
             bar.update(1)
-    per_seed = [
-        json.loads((seed_dir / f"seed_{s:04d}_n{examples}.json").read_text())["errors"]
-        for s in range(seeds)
-    ]
-    labels = [REFERENCE] + [label for label, _, _ in METHODS]
+    per_seed = [json.loads(path.read_text())["errors"] for path in paths]
+    labels = [REFERENCE] + [label for label, _, _ in METHODS if per_seed[0][label] is not None]
     summary = {
         "config": config,
         "environment": environment_record(),
@@ -211,6 +267,7 @@ def run(out: str | Path = "results/fig1", seeds: int = 40, examples: int = 1000)
             for label in labels
         },
     }
+    summary["not_defined"] = [label for label, _, _ in METHODS if per_seed[0][label] is None]
     atomic_write_json(out / "fig1.json", summary)
     plot(summary, out)
     return summary
@@ -225,6 +282,8 @@ def table(summary: dict) -> str:
         lines.append(
             f"{label:<18}{entry['mean_normalized']:>24.3f}{min(values):>10.3f}{max(values):>10.3f}"
         )
+    for label in summary.get("not_defined", []):
+        lines.append(f"{label:<18}{'not defined for this network':>44}")
     return "\n".join(lines)
 
 
@@ -236,7 +295,8 @@ def plot(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = summary["methods"]
-    labels = [label for label, _, _ in METHODS] + [REFERENCE]
+    labels = [label for label, _, _ in METHODS if label in methods] + [REFERENCE]
+    architecture = summary["config"].get("architecture", "mlp")
     seeds = len(methods["HesScale"]["normalized"])
     colors = plt.cm.viridis([i / max(seeds - 1, 1) for i in range(seeds)])
     fig, ax = plt.subplots(figsize=(11, 4.5))
@@ -248,7 +308,11 @@ def plot(summary: dict, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
     ax.set_ylabel("normalized L1 error (HesScale = 1)")
-    ax.set_title(f"Hessian-diagonal approximation error, {seeds} initializations")
+    missing = summary.get("not_defined", [])
+    ax.set_title(
+        f"Hessian-diagonal approximation error, {architecture} network, {seeds} initializations"
+        + (f"\n(not defined here: {', '.join(missing)})" if missing else "")
+    )
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "fig1a.png", dpi=130)
@@ -272,13 +336,14 @@ def plot(summary: dict, out: Path) -> None:
         )
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
-    ax.set_xticks(
-        range(len(layer_names)),
-        [
+    if architecture == "mlp":
+        ticks = [
             f"layer {k + 1}" + (" (output)" if k == len(layer_names) - 1 else "")
             for k in range(len(layer_names))
-        ],
-    )
+        ]
+    else:
+        ticks = layer_names
+    ax.set_xticks(range(len(layer_names)), ticks)
     ax.set_ylabel("mean L1 error per example")
     ax.set_title(f"Layer-wise error, mean over initializations (bars at {floor:g}: exact)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -287,4 +352,4 @@ def plot(summary: dict, out: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["METHODS", "REFERENCE", "run", "run_seed", "table", "plot"]
+__all__ = ["ARCHITECTURES", "METHODS", "REFERENCE", "run", "run_seed", "table", "plot"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -61,3 +62,55 @@ def residual_network(blocks: int = 4) -> ResidualTanhMLP:
     """The Fig. 2b network's size as a residual MLP: 64 inputs, ``blocks`` blocks of two
     512-wide tanh layers, 100 outputs."""
     return ResidualTanhMLP(64, 512, blocks, 100)
+
+
+# --- Fig. 1's protocol on graphs: networks of the Fig. 1 size (6 inputs, width 16, 10 outputs)
+
+
+class GatedMLP(nn.Module):
+    """A SwiGLU block ``W₃ (silu(W₁x) ⊙ W₂x)`` between a tanh input layer and a linear head."""
+
+    def __init__(self, inputs: int = 6, width: int = 16, outputs: int = 10):
+        super().__init__()
+        self.inp = nn.Linear(inputs, width)
+        self.w1, self.w2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.w3 = nn.Linear(width, width)
+        self.head = nn.Linear(width, outputs)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = h + self.w3(nn.functional.silu(self.w1(h)) * self.w2(h))
+        return self.head(h)
+
+
+class ResidualCNN(nn.Module):
+    """A ResNet-style CNN on 1×6×6 images: a tanh stem, one residual block of two 3×3
+    convolutions, global average pooling written as ``mean((2, 3))``, a linear head."""
+
+    def __init__(self, channels: int = 4, outputs: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.head = nn.Linear(channels, outputs)
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        h = torch.tanh(h + self.conv2(torch.tanh(self.conv1(h))))
+        return self.head(h.mean((2, 3)))
+
+
+class TinyLM(nn.Module):
+    """A language-model head: token and position embeddings, a tanh MLP on the residual stream,
+    and an output layer tied to the token embedding. Returns ``(N, vocab, T)`` logits."""
+
+    def __init__(self, vocab: int = 10, width: int = 16, context: int = 4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(context, width) * 0.1)
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos[: ids.shape[1]]
+        h = h + self.fc2(torch.tanh(self.fc1(h)))
+        return nn.functional.linear(h, self.tok.weight).transpose(1, 2)
