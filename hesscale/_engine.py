@@ -209,6 +209,19 @@ def _is_leaf(node) -> bool:
     return type(node).__name__ == "AccumulateGrad"
 
 
+def _through_aliases(edge: tuple) -> tuple:
+    """``edge``, or the edge below the identity ``AliasBackward0`` nodes that every operation
+    on a ``_Traced`` tensor adds: they need no hook, their input gets what their output got."""
+    node, nr = edge
+    while (
+        node is not None
+        and type(node).__name__ == "AliasBackward0"
+        and _OUTPUT_TAG not in node.metadata
+    ):
+        node, nr = node.next_functions[0]
+    return node, nr
+
+
 def _layer_inputs(output_node, calls: dict) -> tuple:
     """The edges into a layer call's input: walking down from its output node, the first nodes
     created before the module started (and the input itself if it is a leaf)."""
@@ -264,7 +277,7 @@ class _Pass:
     # --- planning -------------------------------------------------------------------------
     @classmethod
     def plan(cls, root: Tensor) -> _Pass | None:
-        start = root.grad_fn
+        start = _through_aliases((root.grad_fn, 0))[0]
         if start is None:
             return None
         order, info, forwards, markers = [], {}, {}, []
@@ -283,7 +296,7 @@ class _Pass:
             elif _is_leaf(node):
                 edges = ()
             else:
-                edges = tuple(e for e in node.next_functions)
+                edges = tuple(_through_aliases(e) for e in node.next_functions)
             info[node] = _NodeInfo(edges, calls=calls)
             forward = meta.get(_OUTPUT_TAG)
             if forward is not None:

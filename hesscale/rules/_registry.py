@@ -76,7 +76,7 @@ class Backprop:
     parameters: dict[str, Tensor] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class NodeContext:
     """What an operation rule sees of one autograd node.
 
