@@ -38,6 +38,7 @@ class Elementwise:
     df: Derivative | None
     d2f: Derivative | None
     square_times: Callable[[NodeContext, Tensor], Tensor] | None = None
+    both: Callable[[NodeContext, Tensor, Tensor], Tensor] | None = None  # σ'²ŝ + σ''g, fused
 
 
 _aten = torch.ops.aten
@@ -126,11 +127,26 @@ def _result(ctx):
     return ctx.saved("result")
 
 
+def _tanh_both(ctx, s, g):
+    """``u (u ŝ − 2 h g)`` with ``u = 1 − h²``: σ'² ŝ + σ'' g in four passes."""
+    h = _result(ctx)
+    u = torch.mul(h, h).neg_().add_(1)
+    return torch.mul(u, s).addcmul_(h, g, value=-2).mul_(u)
+
+
+def _sigmoid_both(ctx, s, g):
+    """``u (u ŝ + (1 − 2h) g)`` with ``u = h − h²``."""
+    h = _result(ctx)
+    u = torch.addcmul(h, h, h, value=-1)
+    return torch.mul(u, s).add_(g).addcmul_(h, g, value=-2).mul_(u)
+
+
 TABLE: dict[str, Elementwise] = {
     # σ' = 1 − h², σ'' = −2h(1 − h²)
     "TanhBackward0": Elementwise(
         lambda c: torch.mul(_result(c), _result(c)).neg_().add_(1),
         lambda c: torch.mul(_result(c), _result(c)).neg_().add_(1).mul_(_result(c)).mul_(-2),
+        both=_tanh_both,
     ),
     # σ' = h − h², σ'' = (h − h²)(1 − 2h)
     "SigmoidBackward0": Elementwise(
@@ -138,6 +154,7 @@ TABLE: dict[str, Elementwise] = {
         lambda c: torch.addcmul(_result(c), _result(c), _result(c), value=-1).mul_(
             _result(c).mul(-2).add_(1)
         ),
+        both=_sigmoid_both,
     ),
     # ReLU: σ' ∈ {0, 1}, so σ'² = σ'
     "ReluBackward0": Elementwise(
@@ -209,6 +226,8 @@ def elementwise_rule(ctx: NodeContext):
         return (None,)
     entry = TABLE[type(ctx.node).__name__]
     s, g = ctx.s, ctx.g
+    if entry.both is not None and s is not None and g is not None and ctx.second_order:
+        return (entry.both(ctx, s, g),)
     s_in = None
     if s is not None:
         if entry.square_times is not None:
