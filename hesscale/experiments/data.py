@@ -6,7 +6,8 @@ packed or extracted) from a data directory: ``--data-dir``, else ``$HESSCALE_DAT
 ``dataset-fashion-mnist`` installs it. ``download=True`` fetches missing files from the data
 sets' canonical sources and verifies their MD5 checksums. A corrupt or truncated file raises
 :class:`DataError` naming it; missing files raise :class:`DataError` saying which, where they
-were looked for and how to get them.
+were looked for and how to get them. Reading never runs code from a file: the CIFAR pickles
+are read by an unpickler that accepts only what the official batches contain.
 """
 
 from __future__ import annotations
@@ -247,20 +248,55 @@ def _locate(info: DatasetInfo, root: Path, download_missing: bool) -> dict[str, 
     return found
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles exactly what the official CIFAR batches contain: dicts, lists, bytes and
+    strings, numbers, and numpy arrays with their dtypes. Any other global (a function or class
+    that a hostile file names, for instance ``os.system`` or ``builtins.open``) is refused
+    before it is called."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.numeric", "_frombuffer"),  # numpy arrays at pickle protocol 5
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"it names {module}.{name}, which a CIFAR batch never contains (only numpy arrays, "
+            "dtypes, dicts, lists, bytes and numbers are read)"
+        )
+
+
+def _unpickle_cifar(stream) -> dict:
+    batch = _CifarUnpickler(stream, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise pickle.UnpicklingError(f"a CIFAR batch is a dict, this is a {type(batch).__name__}")
+    return batch
+
+
 def _read_cifar_member(source: Path, member: str) -> dict:
-    """One pickled CIFAR batch, from the packed archive or the extracted folder."""
+    """One pickled CIFAR batch, from the packed archive or the extracted folder, read with
+    :class:`_CifarUnpickler` (never running code from the file)."""
     try:
         if source.is_dir():
             with (source / member).open("rb") as f:
-                return pickle.load(f, encoding="bytes")
+                return _unpickle_cifar(f)
         with tarfile.open(source, "r:gz") as tar:
             names = [n for n in tar.getnames() if n.endswith("/" + member)]
             if not names:
                 raise DataError(f"{source}: the archive has no member '{member}'")
-            return pickle.load(tar.extractfile(names[0]), encoding="bytes")
+            return _unpickle_cifar(tar.extractfile(names[0]))
     except DataError:
         raise
-    except (OSError, EOFError, tarfile.TarError, pickle.UnpicklingError, zlib.error) as err:
+    except pickle.UnpicklingError as err:
+        raise DataError(f"{source}: refused CIFAR batch '{member}': {err}") from err
+    except (OSError, EOFError, tarfile.TarError, zlib.error, ValueError, TypeError) as err:
         raise DataError(f"{source}: corrupt or truncated CIFAR data ({member}: {err})") from err
 
 

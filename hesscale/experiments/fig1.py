@@ -21,7 +21,6 @@ reported as not defined.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from hesscale import UnsupportedModuleError
 from hesscale.baselines import hutchinson_from_probes, kfac_mc, rademacher_like
 from hesscale.reference import exact_hessian_diagonal, ggn_diagonal
 
-from .io import atomic_write_json, environment_record, progress
+from .io import atomic_write_json, environment_record, progress, read_json
 from .networks import GatedMLP, ResidualCNN, ResidualTanhMLP, TinyLM, fig1_network
 
 REFERENCE = "|diag(H)|"
@@ -248,7 +247,7 @@ def run(
                 errors = run_seed(seed, examples, architecture=architecture)
                 atomic_write_json(path, {"seed": seed, "examples": examples, "errors": errors})
             bar.update(1)
-    per_seed = [json.loads(path.read_text())["errors"] for path in paths]
+    per_seed = [read_json(path, "Fig. 1 seed result")["errors"] for path in paths]
     labels = [REFERENCE] + [label for label, _, _ in METHODS if per_seed[0][label] is not None]
     summary = {
         "config": config,

@@ -14,7 +14,6 @@ Each point is written atomically to ``points/``; a rerun skips finished points.
 from __future__ import annotations
 
 import copy
-import json
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 import hesscale
 from hesscale.optim import OPTIMIZERS
 
-from .io import atomic_write_json, environment_record, progress
+from .io import atomic_write_json, environment_record, progress, read_json
 from .networks import fig2a_network, fig2b_network, parameter_count
 from .timing import interleaved_times
 
@@ -160,7 +159,7 @@ def run(
                 atomic_write_json(
                     path, time_point(make, batch, loss, include_forward, rounds, device)
                 )
-            results[panel][str(xval)] = json.loads(path.read_text())
+            results[panel][str(xval)] = read_json(path, "Fig. 2 timing")
             bar.update(1)
     summary = {
         "config": config,

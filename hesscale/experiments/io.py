@@ -28,6 +28,22 @@ def atomic_write_json(path: str | Path, data) -> None:
         raise
 
 
+class ResultFileError(RuntimeError):
+    """A results or checkpoint file that cannot be read (malformed, foreign or hostile)."""
+
+
+def read_json(path: str | Path, what: str = "results file"):
+    """A JSON file written by :func:`atomic_write_json`; a malformed one raises
+    :class:`ResultFileError` naming it and saying how to recompute it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ResultFileError(
+            f"{path}: not a readable {what} ({err}); delete it to compute it again"
+        ) from err
+
+
 def environment_record() -> dict:
     """What produced a result: machine, versions, threads, device."""
     return {

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import tempfile
 import time
 import warnings
@@ -31,7 +32,7 @@ import hesscale
 from hesscale.optim import OPTIMIZERS
 
 from .data import Splits, deepobs_splits, load, prepare
-from .io import atomic_write_json, environment_record, progress
+from .io import ResultFileError, atomic_write_json, environment_record, progress, read_json
 from .problems import build_network, get_problem
 
 DIVERGENCE_THRESHOLD = 1e10
@@ -94,6 +95,32 @@ def evaluate(model, loss_fn, data, augment_flag: bool, device, batch: int = 1000
         correct += (out.argmax(1) == y).sum().item()
     model.train()
     return total / len(images), correct / len(images)
+
+
+_CHECKPOINT_KEYS = {"model", "optimizer", "rng", "curves", "epoch", "elapsed"}
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A run's epoch checkpoint, read with ``weights_only=True``: tensors and plain Python
+    values only, so a replaced or hostile file cannot run code. A checkpoint that cannot be
+    read that way, or lacks what a resumed run needs, raises :class:`ResultFileError` (the run
+    is never silently restarted)."""
+    advice = "delete it to restart this run from epoch 0 (other runs' results are kept)"
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else "")
+        raise ResultFileError(
+            f"{path}: refused or unreadable checkpoint: it holds more than tensors and plain "
+            f"values, or is damaged, or was written by another program ({reason}); {advice}"
+        ) from err
+    missing = _CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else _CHECKPOINT_KEYS
+    if missing:
+        raise ResultFileError(
+            f"{path}: not a hesscale checkpoint (missing {sorted(missing)}); {advice}"
+        )
+    return state
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -189,7 +216,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     result_path, ckpt_path = out / f"{config.name()}.json", out / f"{config.name()}.ckpt"
     if result_path.exists():
-        return json.loads(result_path.read_text())
+        return read_json(result_path, "run record")
     ranks, device = ranks_from_environment(device)
     problem = get_problem(config.problem)
     if splits is None:
@@ -204,7 +231,7 @@ def train(
     opt = make_optimizer(config, model, l2)
     curves, start_epoch, status, elapsed = _empty_curves(), 0, "running", 0.0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = _load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"][ranks.rank], device)
@@ -293,4 +320,4 @@ def train(
         atomic_write_json(result_path, record)
         ckpt_path.unlink(missing_ok=True)
     ranks.barrier()
-    return json.loads(result_path.read_text())
+    return read_json(result_path, "run record")
