@@ -243,6 +243,30 @@ OPERATIONS = {
         {"a": (1, 2, 3, 4, 5)},
     ),
     "adaptive-avg-pool2d": (lambda p: F.adaptive_avg_pool2d(p["a"], (2, 3)), {"a": (2, 2, 5, 5)}),
+    # normalization
+    "layer-norm": (
+        lambda p: F.layer_norm(p["x"], (4,), p["w"], p["b"]),
+        {"x": (2, 3, 4), "w": (4,), "b": (4,)},
+    ),
+    "layer-norm-2d-no-affine": (lambda p: F.layer_norm(p["x"], (3, 4)), {"x": (2, 3, 4)}),
+    "group-norm": (
+        lambda p: F.group_norm(p["x"], 2, p["w"], p["b"]),
+        {"x": (2, 4, 3, 3), "w": (4,), "b": (4,)},
+    ),
+    "batch-norm-train": (
+        lambda p: F.batch_norm(p["x"], None, None, p["w"], p["b"], training=True),
+        {"x": (4, 3, 2, 2), "w": (3,), "b": (3,)},
+    ),
+    "batch-norm1d-train-no-affine": (
+        lambda p: F.batch_norm(p["x"], None, None, training=True),
+        {"x": (5, 3)},
+    ),
+    "batch-norm-eval": (
+        lambda p, m, v: F.batch_norm(p["x"], m, v, p["w"], p["b"], training=False),
+        {"x": (4, 3, 2, 2), "w": (3,), "b": (3,)},
+        (),
+        {"m": torch.randn(3, dtype=D), "v": torch.rand(3, dtype=D) + 0.5},
+    ),
     # softmax inside a network
     "softmax": (lambda p: torch.softmax(p["a"], 1), {"a": (3, 5)}),
     "softmax-dim0": (lambda p: p["a"].softmax(0), {"a": (4, 3)}),
@@ -366,3 +390,25 @@ def test_loss_rules_give_the_exact_output_diagonal(name):
         model.zero_grad()
         _, estimate = hesscale.diagonal(model, loss, x, target, method=method)
         assert_close_dicts(estimate, exact_hessian_diagonal(model, loss, x, target))
+
+
+def test_scalar_addition_inside_decompositions_passes_curvature_through():
+    """``AddBackward1`` (tensor + number, made by decompositions such as ``F.rms_norm``'s
+    ``mean + ε``) has J = I."""
+    from hesscale.rules._registry import NodeContext
+    from hesscale.rules.shape import selection_rule
+
+    x = torch.randn(2, 3, dtype=D, requires_grad=True)
+    y = F.rms_norm(x, (3,))
+    stack, node = [y.grad_fn], None
+    while stack:
+        n = stack.pop()
+        if type(n).__name__ == "AddBackward1":
+            node = n
+            break
+        stack.extend(c for c, _ in n.next_functions if c is not None)
+    assert node is not None
+    s = torch.rand(2, 1, dtype=D)
+    ctx = NodeContext(node, (s,), (s,), (True,), True, hesscale.METHODS["hesscale"], D)
+    (s_in,) = selection_rule(ctx)
+    torch.testing.assert_close(s_in, s)

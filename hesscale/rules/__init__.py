@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registration)
     elementwise,
     linear,
     losses,
+    normalization,
     pooling,
     shape,
     softmax,

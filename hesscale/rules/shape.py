@@ -16,6 +16,7 @@ from __future__ import annotations
 from ._registry import NodeContext, input_shape, operation_rule, sum_to
 
 SELECTIONS = (
+    "AddBackward1",
     "AliasBackward0",
     "AsStridedBackward0",
     "CatBackward0",

@@ -1,0 +1,152 @@
+"""HesScale rules of LayerNorm, GroupNorm and BatchNorm (exact given a diagonal ``ŝ_y``).
+
+All three normalise ``x`` over a group ``G`` of ``M`` elements, ``x̂ = (x − μ) r`` with
+``r = 1/√(var + ε)``, then apply a per-feature affine map ``y = γ x̂ + β`` (LayerNorm: the
+normalised dimensions of each example; GroupNorm: a group of channels of each example, γ per
+channel; BatchNorm in train mode: the batch and spatial positions of each channel). With
+``s̃ = γ² ŝ_y``, ``g̃ = γ g_y``, ``a = mean_G g̃``, ``b = mean_G g̃ x̂`` and ``S_j = Σ_G x̂ʲ s̃``, the
+rule for the input is the closed form of ``Σ_k J_ki² ŝ_k`` and of the second-order term:
+
+    ŝ_x = r² [s̃ (1 − 2(1 + x̂²)/M) + (S₀ + 2x̂ S₁ + x̂² S₂)/M²]
+          + [second_order] r² [−(2x̂/M)(g̃ − a − x̂ b) − b (1 − (1 + x̂²)/M)].
+
+``y`` is linear in γ and β: ``ŝ_γ = Σ x̂² ŝ_y`` and ``ŝ_β = Σ ŝ_y`` over the positions that share
+the parameter. BatchNorm in eval mode uses the running statistics, an element-wise affine map:
+``ŝ_x = (γ r)² ŝ_y``, exact.
+
+These rules are exact for the operation. In a network, a train-mode BatchNorm couples the
+examples of a batch, so the Hessian at its input has entries between examples that the
+diagonal drops, and the layer before it is estimated less accurately than in a network without
+it; a rule for that layer's weight that differentiates through the normalisation is the known
+fix (not implemented yet). ``F.rms_norm`` runs as element-wise operations whose fan-out drops
+cross terms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._registry import NodeContext, operation_rule, squared
+
+
+def normalization_input_curvature(
+    x_hat: Tensor, r: Tensor, s_y, g_y, gamma, dims: tuple, second_order: bool
+) -> Tensor | None:
+    """The input rule above; ``dims`` are the group's dimensions, ``gamma`` broadcasts."""
+    m = 1
+    for d in dims:
+        m *= x_hat.shape[d]
+    r_sq = r * r
+    s_in = None
+    if s_y is not None:
+        s_t = s_y if gamma is None else squared(gamma) * s_y
+        s0 = s_t.sum(dims, keepdim=True)
+        s1 = (x_hat * s_t).sum(dims, keepdim=True)
+        s2 = (x_hat * x_hat * s_t).sum(dims, keepdim=True)
+        x_sq = x_hat * x_hat
+        s_in = s_t * (1 - 2 * (1 + x_sq) / m) + (s0 + 2 * x_hat * s1 + x_sq * s2) / (m * m)
+    if second_order and g_y is not None:
+        g_t = g_y if gamma is None else gamma * g_y
+        a = g_t.mean(dims, keepdim=True)
+        b = (g_t * x_hat).mean(dims, keepdim=True)
+        term = -(2 * x_hat / m) * (g_t - a - x_hat * b) - b * (1 - (1 + x_hat * x_hat) / m)
+        s_in = term if s_in is None else s_in + term
+    return None if s_in is None else s_in * r_sq
+
+
+def _affine_curvatures(ctx: NodeContext, x_hat: Tensor, param_shape, param_dims):
+    """``(ŝ_γ, ŝ_β)``: ``Σ x̂² ŝ_y`` and ``Σ ŝ_y`` over the dimensions ``param_dims`` that share
+    each parameter, reshaped to the parameter."""
+    s = ctx.s
+    s_gamma = s_beta = None
+    if s is not None and ctx.needs[1]:
+        s_gamma = (x_hat * x_hat * s).sum(param_dims).reshape(param_shape)
+    if s is not None and len(ctx.needs) > 2 and ctx.needs[2]:
+        s_beta = s.sum(param_dims).reshape(param_shape)
+    return s_gamma, s_beta
+
+
+@operation_rule("NativeLayerNormBackward0")
+def layer_norm_rule(ctx: NodeContext):
+    """``F.layer_norm``/``nn.LayerNorm``, with or without affine parameters."""
+    x = ctx.saved("input")
+    mean, rstd = ctx.saved("result1"), ctx.saved("result2")
+    weight = ctx.saved("weight")
+    k = len(ctx.saved("normalized_shape"))
+    dims = tuple(range(x.dim() - k, x.dim()))
+    x_hat = (x - mean) * rstd
+    s_x = None
+    if ctx.needs[0]:
+        s_x = normalization_input_curvature(
+            x_hat, rstd, ctx.s, ctx.g, weight, dims, ctx.second_order
+        )
+    lead = tuple(range(x.dim() - k))
+    shape = x.shape[x.dim() - k :]
+    s_gamma, s_beta = _affine_curvatures(ctx, x_hat, shape, lead)
+    return s_x, s_gamma, s_beta
+
+
+def _per_channel(t: Tensor | None, dims: int) -> Tensor | None:
+    """A ``(C,)`` tensor shaped to broadcast over ``(N, C, *spatial)``."""
+    return None if t is None else t.view(1, -1, *([1] * (dims - 2)))
+
+
+@operation_rule("NativeGroupNormBackward0")
+def group_norm_rule(ctx: NodeContext):
+    """``F.group_norm``/``nn.GroupNorm``: groups of ``C/G`` channels × spatial positions."""
+    x = ctx.saved("input")
+    n, c, groups = ctx.saved("N"), ctx.saved("C"), ctx.saved("group")
+    mean, rstd = ctx.saved("result1"), ctx.saved("result2")
+    weight = ctx.saved("weight")
+    grouped = x.reshape(n, groups, -1)
+    x_hat = ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
+    gamma = _per_channel(weight, x.dim())
+    s_x = None
+    if ctx.needs[0]:
+        shape = (n, groups, -1)
+
+        def grouped_view(t):
+            return None if t is None else t.reshape(shape)
+
+        gamma_full = None if gamma is None else gamma.expand(x.shape)
+        s_x = normalization_input_curvature(
+            x_hat.reshape(shape),
+            rstd.unsqueeze(-1),
+            grouped_view(ctx.s),
+            grouped_view(ctx.g),
+            grouped_view(gamma_full),
+            (2,),
+            ctx.second_order,
+        )
+        s_x = None if s_x is None else s_x.reshape(x.shape)
+    dims = (0,) + tuple(range(2, x.dim()))
+    s_gamma, s_beta = _affine_curvatures(ctx, x_hat, (c,), dims)
+    return s_x, s_gamma, s_beta
+
+
+@operation_rule("NativeBatchNormBackward0")
+def batch_norm_rule(ctx: NodeContext):
+    """``F.batch_norm``/``nn.BatchNorm1d/2d/3d``: batch statistics in train mode (the group is
+    the batch and the spatial positions of a channel), running statistics in eval mode."""
+    x = ctx.saved("input")
+    weight = ctx.saved("weight")
+    dims = (0,) + tuple(range(2, x.dim()))
+    gamma = _per_channel(weight, x.dim())
+    if ctx.saved("training"):
+        mean = _per_channel(ctx.saved("result1"), x.dim())
+        rstd = _per_channel(ctx.saved("result2"), x.dim())
+        x_hat = (x - mean) * rstd
+        s_x = None
+        if ctx.needs[0]:
+            s_x = normalization_input_curvature(
+                x_hat, rstd, ctx.s, ctx.g, gamma, dims, ctx.second_order
+            )
+    else:
+        mean = _per_channel(ctx.saved("running_mean"), x.dim())
+        rstd = _per_channel(torch.rsqrt(ctx.saved("running_var") + ctx.saved("eps")), x.dim())
+        x_hat = (x - mean) * rstd
+        scale = rstd if gamma is None else gamma * rstd
+        s_x = squared(scale) * ctx.s if ctx.needs[0] and ctx.s is not None else None
+    s_gamma, s_beta = _affine_curvatures(ctx, x_hat, (x.shape[1],), dims)
+    return s_x, s_gamma, s_beta
