@@ -329,3 +329,66 @@ def test_ggn_mc_on_a_graph_converges_to_the_ggn_of_the_head():
     for k in ("head.weight", "inp.weight"):
         scale = exact[k].abs().max()
         torch.testing.assert_close(mc[k] / scale, exact[k] / scale, rtol=0.1, atol=0.05)
+
+
+class NormResNet(nn.Module):
+    """Conv → BatchNorm → ReLU with a residual block, pooled into a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.stem(x)))
+        h = F.relu(h + self.bn1(self.conv(h)))
+        return self.head(h.mean((2, 3)))
+
+
+class LayerNormMLP(nn.Module):
+    """A residual MLP block with LayerNorm before (pre-LN) or after (post-LN) the branch."""
+
+    def __init__(self, pre: bool):
+        super().__init__()
+        self.pre = pre
+        self.inp, self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        self.norm, self.head = nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.pre:
+            h = h + self.fc2(F.gelu(self.fc1(self.norm(h))))
+        else:
+            h = self.norm(h + self.fc2(F.gelu(self.fc1(h))))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["train", "eval", "pre-ln", "post-ln"])
+def test_normalized_networks_have_an_exact_head(mode, method):
+    import copy
+
+    torch.manual_seed(0)
+    if mode in ("train", "eval"):
+        model = NormResNet().to(D).train(mode == "train")
+        x, y = torch.randn(4, 2, 4, 4, dtype=D), torch.tensor([0, 2, 1, 1])
+        if mode == "eval":  # running statistics that are not the identity
+            model.train()(x)
+            model.eval()
+    else:
+        model = LayerNormMLP(pre=mode == "pre-ln").to(D)
+        x, y = torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    reference = copy.deepcopy(model)
+    if mode == "train":  # torch.func cannot update running statistics; the forward is the same
+        torch.func.replace_all_batch_norm_modules_(reference)
+    _, estimate = hesscale.diagonal(model, loss_fn, x, y, method=method)
+    exact = exact_hessian_diagonal(reference, loss_fn, x, y)
+    assert set(estimate) == set(exact)
+    head = {"head.weight", "head.bias"}
+    assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
+    for v in estimate.values():
+        assert torch.isfinite(v).all()
