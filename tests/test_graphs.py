@@ -392,3 +392,49 @@ def test_normalized_networks_have_an_exact_head(mode, method):
     assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
     for v in estimate.values():
         assert torch.isfinite(v).all()
+
+
+class Embedded(nn.Module):
+    """Token embeddings (a module, or the functional call on its weight) into a tanh head."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.tok = nn.Embedding(7, 4, padding_idx=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, ids):
+        h = F.embedding(ids, self.tok.weight, padding_idx=1) if self.functional else self.tok(ids)
+        return self.fc(torch.tanh(h)).mean(1)
+
+
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn", "bl89"])
+def test_an_embedding_layer_equals_the_functional_lookup(method):
+    torch.manual_seed(0)
+    module, functional = Embedded(False).to(D), Embedded(True).to(D)
+    functional.load_state_dict(module.state_dict())
+    ids, y = torch.randint(0, 7, (5, 3)), torch.randint(0, 3, (5,))
+    _, a = hesscale.diagonal(module, nn.CrossEntropyLoss(), ids, y, method=method)
+    _, b = hesscale.diagonal(functional, nn.CrossEntropyLoss(), ids, y, method=method)
+    assert_close_dicts(a, b)
+    assert torch.equal(a["tok.weight"][1], torch.zeros(4, dtype=D))  # the padding row
+
+
+def test_embedding_layers_give_per_example_estimates_and_ggn_mc():
+    torch.manual_seed(0)
+    model = Embedded(False).to(D)
+    ids, y = torch.randint(0, 7, (4, 3)), torch.randint(0, 3, (4,))
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    _, each = hesscale.diagonal(model, loss_fn, ids, y, individual=True)
+    for i in range(len(ids)):
+        _, single = hesscale.diagonal(model, loss_fn, ids[i : i + 1], y[i : i + 1])
+        assert_close_dicts({k: v[i] for k, v in each.items()}, single)
+    generator = torch.Generator().manual_seed(0)
+    _, mc = hesscale.diagonal(
+        model, loss_fn, ids, y, method="ggn_mc", samples=4000, generator=generator
+    )
+    exact = ggn_diagonal(model, loss_fn, ids, y)
+    scale = exact["tok.weight"].abs().max()
+    torch.testing.assert_close(
+        mc["tok.weight"] / scale, exact["tok.weight"] / scale, rtol=0.1, atol=0.05
+    )

@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (registration)
     arithmetic,
     conv,
     elementwise,
+    embedding,
     linear,
     losses,
     normalization,
