@@ -418,7 +418,7 @@ class _Pass:
                         node,
                         "uses a parameter outside a layer with a per-example rule",
                         "Per-example estimates (individual=True) are computed by layer rules "
-                        "(nn.Linear, convolutions): put the parameter in such a module, or use "
+                        "(nn.Linear, convolutions, nn.Embedding): put the parameter in such a module, or use "
                         "individual=False.",
                     )
             self.handles.append(node.register_prehook(partial(_on_node, self, node)))
