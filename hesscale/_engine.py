@@ -418,8 +418,8 @@ class _Pass:
                         node,
                         "uses a parameter outside a layer with a per-example rule",
                         "Per-example estimates (individual=True) are computed by layer rules "
-                        "(nn.Linear, convolutions, nn.Embedding): put the parameter in such a module, or use "
-                        "individual=False.",
+                        "(nn.Linear, convolutions, nn.Embedding): put the parameter in such a "
+                        "module, or use individual=False.",
                     )
             self.handles.append(node.register_prehook(partial(_on_node, self, node)))
 
@@ -439,7 +439,7 @@ class _Pass:
                         node,
                         "uses a parameter outside a layer with a per-example rule",
                         "GGN-MC squares per-example gradients of layers (nn.Linear, "
-                        "convolutions) and samples only the loss Hessian, so penalties and "
+                        "convolutions, nn.Embedding) and samples only the loss Hessian, so penalties and "
                         "functional uses of parameters are not included: use "
                         "method='hesscale'.",
                     )
