@@ -439,8 +439,8 @@ class _Pass:
                         node,
                         "uses a parameter outside a layer with a per-example rule",
                         "GGN-MC squares per-example gradients of layers (nn.Linear, "
-                        "convolutions, nn.Embedding) and samples only the loss Hessian, so penalties and "
-                        "functional uses of parameters are not included: use "
+                        "convolutions, nn.Embedding) and samples only the loss Hessian, so "
+                        "penalties and functional uses of parameters are not included: use "
                         "method='hesscale'.",
                     )
         if forward.loss is None or forward.live_output is None:
