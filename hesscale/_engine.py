@@ -43,12 +43,12 @@ Hessian and backpropagates them to the layer calls with one batched ``autograd.g
 ``torch.autograd.backward(loss)`` and ``torch.autograd.grad`` bypass ``Tensor.backward``: they
 compute gradients and no estimate, which the optimizers report as a missing estimate.
 
-Measured (``benchmarks/engine_cost.py``, this project's 2-core x86 CPU, one thread, float32):
-the estimate costs 1.77–1.87× a plain forward+backward at batch 128 on the Fig. 2b chains with
-4–16 layers and 1.82× on a residual MLP of the same size (4 blocks of two 512-wide tanh
-layers); the chain engine it replaces cost 1.9–2.2×. At batch 1 the arithmetic of the rules
-(squaring 512×512 weights) dominates; the walk and the prehooks cost about 13 µs per node of
-the graph (cProfile, Fig. 2b L=4, 26 nodes).
+Measured (this project's 2-core x86 CPU, one thread, float32, Fig. 2b net with 4 layers of
+512 tanh units, 26 nodes): the walk and the prehooks alone, with rules that do nothing, cost
+1.36× a plain forward+backward at batch 1 (about 15 µs per node) and 1.03× at batch 128; the
+residual MLP of the same size (55 nodes) 1.30× and 1.07×. With the rules, the estimate costs
+1.75–1.93× at batch 128 across runs (``benchmarks/engine_cost.py``); the rest is the rules'
+arithmetic: two extra matrix products per layer and memory-bound element-wise passes.
 """
 
 from __future__ import annotations
