@@ -438,3 +438,56 @@ def test_embedding_layers_give_per_example_estimates_and_ggn_mc():
     torch.testing.assert_close(
         mc["tok.weight"] / scale, exact["tok.weight"] / scale, rtol=0.1, atol=0.05
     )
+
+
+class Transformer(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, **kwargs)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1 if self.layer.self_attn.batch_first else 0))
+
+
+class Attention(nn.Module):
+    def __init__(self, need_weights: bool, batch_first: bool):
+        super().__init__()
+        self.need_weights = need_weights
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[0 if self.attn.batch_first else 1], 5, dtype=torch.bool)
+        pad[:, -1] = True  # the last position is padding
+        out, _ = self.attn(x, x, x, need_weights=self.need_weights, key_padding_mask=pad)
+        return self.head(out.mean(1 if self.attn.batch_first else 0))
+
+
+TRANSFORMERS = {
+    "post-ln": lambda: Transformer(batch_first=True),
+    "pre-ln-gelu": lambda: Transformer(batch_first=True, norm_first=True, activation="gelu"),
+    "sequence-first": lambda: Transformer(),
+    "mha-weights": lambda: Attention(need_weights=True, batch_first=True),
+    "mha-fused-sequence-first": lambda: Attention(need_weights=False, batch_first=False),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformer_layers_have_an_exact_head(name, method):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = TRANSFORMERS[name]().to(D)
+    batch_first = "sequence-first" not in name
+    x = torch.randn(4, 5, 8, dtype=D) if batch_first else torch.randn(5, 4, 8, dtype=D)
+    y = torch.tensor([0, 1, 2, 0])
+    _, estimate = hesscale.diagonal(model, nn.CrossEntropyLoss(), x, y, method=method)
+    with sdpa_kernel(SDPBackend.MATH):
+        exact = exact_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y)
+    head = {"head.weight", "head.bias"}
+    assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
+    assert set(estimate) == set(exact)
+    for v in estimate.values():
+        assert torch.isfinite(v).all()

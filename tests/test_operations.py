@@ -121,6 +121,10 @@ OPERATIONS = {
         lambda p: torch.addmm(p["c"], p["a"], p["b"], beta=0.5, alpha=2.0),
         {"c": (3, 2), "a": (3, 4), "b": (4, 2)},
     ),
+    "baddbmm-scaled": (
+        lambda p: torch.baddbmm(p["c"], p["a"], p["b"], beta=0.5, alpha=2.0),
+        {"c": (1, 3, 2), "a": (2, 3, 4), "b": (2, 4, 2)},
+    ),
     # convolutions
     "conv2d": (
         lambda p: F.conv2d(p["x"], p["w"], p["b"], stride=2, padding=1, groups=2),
@@ -412,3 +416,38 @@ def test_scalar_addition_inside_decompositions_passes_curvature_through():
     ctx = NodeContext(node, (s,), (s,), (True,), True, hesscale.METHODS["hesscale"], D)
     (s_in,) = selection_rule(ctx)
     torch.testing.assert_close(s_in, s)
+
+
+ATTENTION = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "scale": {"scale": 0.7},
+    "bool-mask": {"attn_mask": torch.tensor([[True, False, True, True, False, True]] * 5)},
+    "additive-mask": {"attn_mask": torch.linspace(-1.0, 1.0, 30, dtype=D).view(5, 6)},
+}
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn"])
+def test_fused_attention_is_exact_given_a_diagonal_output_hessian(name, method):
+    """PyTorch's fused CPU attention kernel as one operation (the reference runs the math
+    kernel, which torch.func can differentiate twice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kwargs = ATTENTION[name]
+    keys = 5 if name == "causal" else 6
+    torch.manual_seed(0)
+    model = Operation(
+        lambda p: F.scaled_dot_product_attention(p["q"], p["k"], p["v"], **kwargs),
+        {"q": (2, 3, 5, 4), "k": (2, 3, keys, 4), "v": (2, 3, keys, 4)},
+    )
+    out = model(None)
+    target = (torch.rand(out.shape, dtype=D) + 0.1, torch.randn(out.shape, dtype=D))
+    x = torch.zeros(1, dtype=D)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        assert type(model(None).grad_fn).__name__.startswith("ScaledDotProductFlash")
+        _, estimate = hesscale.diagonal(model, quadratic, x, target, method=method)
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = exact_hessian_diagonal if method == "hesscale" else ggn_diagonal
+        expected = reference(model, quadratic, x, target)
+    assert_close_dicts(estimate, expected)

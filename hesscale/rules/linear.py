@@ -1,5 +1,6 @@
-"""HesScale rules of matrix products: ``nn.Linear`` and ``mm``/``addmm``/``bmm`` (``F.linear``,
-``matmul``, ``einsum``, ``@``), Eq. 4–5 of the paper without the activation factor.
+"""HesScale rules of matrix products: ``nn.Linear`` and ``mm``/``addmm``/``bmm``/``baddbmm``
+(``F.linear``, ``matmul``, ``einsum``, ``@``), Eq. 4–5 of the paper without the activation
+factor.
 
 For ``Y = A B`` (batched or not), every element of ``Y`` is linear in each factor, so the
 diagonal rule has no second-order term on either factor's diagonal and (J∘J) is the product
@@ -83,17 +84,25 @@ def bmm_rule(ctx: NodeContext):
     return _product_curvatures(ctx, ctx.s, "self", "mat2", ctx.needs[0], ctx.needs[1])
 
 
-@operation_rule("AddmmBackward0")
+@operation_rule("AddmmBackward0", "BaddbmmBackward0")
 def addmm_rule(ctx: NodeContext):
-    """``Y = β C + α A B`` (``F.linear`` on 2-D inputs): ``ŝ_C = β² Σ_rows ŝ_Y``."""
+    """``Y = β C + α A B`` (``F.linear`` on 2-D inputs; ``baddbmm`` batched, as in
+    ``nn.MultiheadAttention`` with weights): ``ŝ_C = β² Σ_broadcast ŝ_Y``."""
     s = ctx.s
     if s is None:
         return None, None, None
-    alpha, beta = ctx.saved("alpha"), ctx.saved("beta")
-    s_a, s_b = _product_curvatures(ctx, s, "mat1", "mat2", ctx.needs[1], ctx.needs[2], float(alpha))
+    a_name, b_name = (
+        ("mat1", "mat2")
+        if type(ctx.node).__name__ == "AddmmBackward0"
+        else (
+            "batch1",
+            "batch2",
+        )
+    )
+    alpha, beta = float(ctx.saved("alpha")), float(ctx.saved("beta"))
+    s_a, s_b = _product_curvatures(ctx, s, a_name, b_name, ctx.needs[1], ctx.needs[2], alpha)
     s_c = None
     if ctx.needs[0]:
-        beta = float(beta)
         s_c = sum_to(s, input_shape(ctx, 0))
         if beta != 1.0:
             s_c = s_c * (beta * beta)
