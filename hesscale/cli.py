@@ -2,7 +2,7 @@
 
 hesscale reproduce            Fig. 1 (approximation quality), then Fig. 2 (cost)
 hesscale reproduce fig1 [--out DIR] [--seeds N] [--examples N]
-                        [--architecture mlp|residual|gated|cnn|lm]
+                        [--architecture mlp|residual|gated|cnn|lm|transformer|gpt]
 hesscale reproduce fig2 [--out DIR] [--full] [--batch-size B] [--loss mse|ce]
                         [--include-forward] [--rounds R] [--device cpu|cuda]
 """
@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     group1.add_argument(
         "--architecture",
         default="mlp",
-        choices=["mlp", "residual", "gated", "cnn", "lm"],
-        help="the paper's MLP (default) or a graph of the same size: residual MLP, gated "
-        "(SwiGLU) MLP, residual CNN, tiny LM with tied embeddings",
+        choices=["mlp", "residual", "gated", "cnn", "lm", "transformer", "gpt"],
+        help="the paper's MLP (default) or a graph of about the same size: residual MLP, gated "
+        "(SwiGLU) MLP, residual CNN, tiny LM with tied embeddings, pre-LN transformer encoder "
+        "layer, one-block GPT",
     )
     group2 = reproduce.add_argument_group("fig2")
     group2.add_argument("--full", action="store_true", help="panel (b) up to 128 hidden layers")

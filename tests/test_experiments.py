@@ -89,6 +89,13 @@ def test_step_cost_times_a_problem_network():
     assert point["params"] == sum(p.numel() for p in build_network(problem).parameters())
 
 
+@pytest.mark.parametrize("architecture", ["transformer", "gpt"])
+def test_fig1_on_attention_networks_runs(tmp_path, architecture):
+    summary = fig1.run(tmp_path, seeds=1, examples=2, architecture=architecture)
+    assert summary["methods"]["HesScale"]["normalized"] == [1.0]
+    assert summary["methods"]["diag(G)"]["mean_normalized"] > 1.0
+
+
 def test_fig1_on_graphs_reports_what_is_not_defined(tmp_path, capsys):
     out = tmp_path / "lm"
     main(

@@ -14,8 +14,10 @@ parameters outside layers with per-example rules). Each initialisation's result 
 atomically to ``seeds/``; a rerun skips finished seeds.
 
 ``architecture`` asks the same question of graphs (:data:`ARCHITECTURES`): a residual MLP, a
-gated (SwiGLU) MLP, a residual CNN and a tiny language model with tied embeddings, all of the
-Fig. 1 size. A method that does not apply to a network (KFAC-MC beyond Linear layers) is
+gated (SwiGLU) MLP, a residual CNN, a tiny language model with tied embeddings, a pre-LN
+transformer encoder layer and a one-block GPT (causal attention, tied head), all of about the
+Fig. 1 size. The references (exact diagonals, GGN, Hutchinson, g²) differentiate attention with
+PyTorch's math kernel; the engine sees the fused kernel where PyTorch uses it. A method that does not apply to a network (KFAC-MC beyond Linear layers) is
 reported as not defined.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hesscale
 from hesscale import UnsupportedModuleError
@@ -36,7 +39,15 @@ from hesscale.baselines import hutchinson_from_probes, kfac_mc, rademacher_like
 from hesscale.reference import exact_hessian_diagonal, ggn_diagonal
 
 from .io import atomic_write_json, environment_record, progress, read_json
-from .networks import GatedMLP, ResidualCNN, ResidualTanhMLP, TinyLM, fig1_network
+from .networks import (
+    GatedMLP,
+    ResidualCNN,
+    ResidualTanhMLP,
+    TinyGPT,
+    TinyLM,
+    TinyTransformer,
+    fig1_network,
+)
 
 REFERENCE = "|diag(H)|"
 # (label, method, samples); the order is the figure's
@@ -68,6 +79,12 @@ def _images(generator, n, dtype):
     )
 
 
+def _sequences(generator, n, dtype):
+    return torch.randn(n, 4, 6, generator=generator, dtype=dtype), torch.randint(
+        0, 10, (n,), generator=generator
+    )
+
+
 def _tokens(generator, n, dtype):
     ids = torch.randint(0, 10, (n, 4), generator=generator)
     return ids, torch.randint(0, 10, (n, 4), generator=generator)
@@ -80,6 +97,8 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable]] = {
     "gated": (GatedMLP, _vectors),
     "cnn": (ResidualCNN, _images),
     "lm": (TinyLM, _tokens),
+    "transformer": (TinyTransformer, _sequences),
+    "gpt": (TinyGPT, _tokens),
 }
 
 
@@ -93,6 +112,11 @@ def _layers(model: nn.Module) -> list[tuple[str, list[str]]]:
         for name, m in model.named_modules()
         if any(True for _ in m.parameters(recurse=False))
     ]
+
+
+def _math_attention():
+    """PyTorch's math kernel for attention, which torch.func can differentiate twice."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _single_example_loss(model, loss_fn) -> Callable:
@@ -176,12 +200,13 @@ def estimate(label, method, samples, model, loss_fn, x, y, generator) -> dict[st
         except UnsupportedModuleError:
             return None
         return result
-    if method == "ggn":
-        return per_example_ggn(model, loss_fn, x, y)
-    if method == "hutchinson":
-        return per_example_hutchinson(model, loss_fn, x, y, samples, generator)
-    if method == "grad_sq":
-        return per_example_grad_sq(model, loss_fn, x, y)
+    with _math_attention():  # torch.func differentiates attention's math kernel
+        if method == "ggn":
+            return per_example_ggn(model, loss_fn, x, y)
+        if method == "hutchinson":
+            return per_example_hutchinson(model, loss_fn, x, y, samples, generator)
+        if method == "grad_sq":
+            return per_example_grad_sq(model, loss_fn, x, y)
     raise ValueError(f"unknown method {method!r} of label {label!r}")
 
 
@@ -195,7 +220,8 @@ def run_seed(seed: int, examples: int, dtype=torch.float64, architecture: str = 
     x, y = data_fn(data, examples, dtype)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     layers = _layers(model)
-    exact = per_example_exact(model, loss_fn, x, y)
+    with _math_attention():
+        exact = per_example_exact(model, loss_fn, x, y)
 
     def errors(est: dict[str, Tensor]) -> dict[str, float]:
         per_layer = {

@@ -114,3 +114,50 @@ class TinyLM(nn.Module):
         h = self.tok(ids) + self.pos[: ids.shape[1]]
         h = h + self.fc2(torch.tanh(self.fc1(h)))
         return nn.functional.linear(h, self.tok.weight).transpose(1, 2)
+
+
+class TinyTransformer(nn.Module):
+    """A pre-LN transformer encoder on sequences of 4 vectors of 6 features: a linear embedding
+    to width 8 with a learned position table, one ``nn.TransformerEncoderLayer`` (2 heads, GELU
+    MLP of width 16, no dropout), mean over positions, a linear head to 10 classes."""
+
+    def __init__(self, inputs: int = 6, width: int = 8, context: int = 4, outputs: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(inputs, width)
+        self.pos = nn.Parameter(torch.randn(context, width) * 0.1)
+        self.layer = nn.TransformerEncoderLayer(
+            width, 2, 16, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.head = nn.Linear(width, outputs)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x) + self.pos[: x.shape[1]]).mean(1))
+
+
+class TinyGPT(nn.Module):
+    """A one-block GPT: token and position embeddings, pre-LN causal self-attention (2 heads)
+    and GELU MLP on the residual stream, a final LayerNorm and an output layer tied to the
+    token embedding. Returns ``(N, vocab, T)`` logits (per-token cross-entropy)."""
+
+    def __init__(self, vocab: int = 10, width: int = 8, context: int = 4, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(context, width) * 0.1)
+        self.ln1, self.ln2, self.ln_f = (
+            nn.LayerNorm(width),
+            nn.LayerNorm(width),
+            nn.LayerNorm(width),
+        )
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        h = self.tok(ids) + self.pos[:t]
+        q, k, v = self.qkv(self.ln1(h)).split(h.shape[-1], dim=-1)
+        q, k, v = (z.view(n, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(a.transpose(1, 2).reshape(n, t, -1))
+        h = h + self.fc2(nn.functional.gelu(self.fc1(self.ln2(h))))
+        return nn.functional.linear(self.ln_f(h), self.tok.weight).transpose(1, 2)
