@@ -17,8 +17,8 @@ atomically to ``seeds/``; a rerun skips finished seeds.
 gated (SwiGLU) MLP, a residual CNN, a tiny language model with tied embeddings, a pre-LN
 transformer encoder layer and a one-block GPT (causal attention, tied head), all of about the
 Fig. 1 size. The references (exact diagonals, GGN, Hutchinson, g²) differentiate attention with
-PyTorch's math kernel; the engine sees the fused kernel where PyTorch uses it. A method that does not apply to a network (KFAC-MC beyond Linear layers) is
-reported as not defined.
+PyTorch's math kernel; the engine sees the fused kernel where PyTorch uses it. A method that
+does not apply to a network (KFAC-MC beyond Linear layers) is reported as not defined.
 """
 
 from __future__ import annotations
