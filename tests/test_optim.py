@@ -1,6 +1,7 @@
 """Optimizer tests in the style of torch's own."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from hesscale.optim import (
     AdaHesScale,
     AdaHesScaleGN,
     AdaHessian,
+    Adam,
     CurvatureAdam,
+    UpdateError,
 )
 
 CURVATURE_OPTIMIZERS = [AdaHesScale, AdaHesScaleGN, AdaBL89, AdaGGNMC]
@@ -52,6 +55,8 @@ def _train(model, loss_fn, x, y, opt, steps, create_graph=False):
         (dict(update_every=0), "Invalid update_every value: 0"),
         (dict(bucket_cap_mb=0), "Invalid bucket_cap_mb value: 0"),
         (dict(distributed=True), "but none is initialized: call torch.distributed"),
+        (dict(delta=0.0), "Invalid delta value: 0.0"),
+        (dict(max_scale=-1.0), "Invalid max_scale value: -1.0"),
     ],
 )
 def test_invalid_hyperparameters(opt_class, kwargs, message):
@@ -60,21 +65,17 @@ def test_invalid_hyperparameters(opt_class, kwargs, message):
         opt_class(model.parameters(), **kwargs)
 
 
-class GradAbs(CurvatureAdam):
-    """|g| (with the L2 term, as Adam's v sees it) where the curvature goes: this is Adam."""
-
-    def _estimates(self, group, params):
-        l2 = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
-        return [p.grad.add(p, alpha=l2).abs() for p in params]
-
-
 @pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_squared_gradient_as_curvature_is_adam(weight_decay, decoupled):
     model, loss_fn, x, y = _problem()
     twin = copy.deepcopy(model)
-    ours = GradAbs(
-        model.parameters(), lr=0.01, weight_decay=weight_decay, decoupled_weight_decay=decoupled
+    ours = Adam(
+        model.parameters(),
+        lr=0.01,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled,
+        guard=False,  # the guard's update is Adam's rounded once more
     )
     theirs = (torch.optim.AdamW if decoupled else torch.optim.Adam)(
         twin.parameters(), lr=0.01, weight_decay=weight_decay
@@ -85,10 +86,11 @@ def test_squared_gradient_as_curvature_is_adam(weight_decay, decoupled):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("scaling", [{}, {"delta": 1e-4, "max_scale": 2.0}], ids=["", "scaled"])
 @pytest.mark.parametrize("opt_class", CURVATURE_OPTIMIZERS)
-def test_state_dict_round_trip_continues_bit_for_bit(opt_class):
+def test_state_dict_round_trip_continues_bit_for_bit(opt_class, scaling):
     model, loss_fn, x, y = _problem()
-    opt = opt_class(model.parameters(), lr=0.01, update_every=2)
+    opt = opt_class(model.parameters(), lr=0.01, update_every=2, **scaling)
     torch.manual_seed(5)
     _train(model, loss_fn, x, y, opt, 3)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -97,7 +99,9 @@ def test_state_dict_round_trip_continues_bit_for_bit(opt_class):
 
     fresh, *_ = _problem(seed=1)
     fresh.load_state_dict(saved_model)
-    fresh_opt = opt_class(fresh.parameters(), lr=0.5, update_every=2)
+    fresh_opt = opt_class(
+        fresh.parameters(), lr=0.5, update_every=2
+    )  # settings come from the state
     fresh_opt.load_state_dict(saved_opt)
     torch.set_rng_state(rng)
     _train(fresh, loss_fn, x, y, fresh_opt, 4)
@@ -279,3 +283,83 @@ def test_adahessian_averages_kernels_spatially_and_is_hutchinson():
     d = (z.reshape(-1) * (h @ z.reshape(-1))).reshape(w.shape)
     expected = d.abs().mean(dim=(2, 3), keepdim=True).expand_as(d)
     torch.testing.assert_close(estimate, expected)
+
+
+@pytest.mark.parametrize("squared, power", [(False, 1.0), (True, 0.5)])
+@pytest.mark.parametrize("delta, max_scale", [(1e-3, 1.0), (1e-9, 1.0), (10.0, 3.0)])
+def test_scaled_update_is_the_formula_written_out(squared, power, delta, max_scale):
+    """``u · min(max_scale, √(2δ/T))``, ``T = Σ_params Σ d ⊙ u²``, over two parameter groups."""
+    gen = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(5, dtype=torch.float64, generator=gen) for _ in range(2)]
+    grads = [
+        [torch.randn(5, dtype=torch.float64, generator=gen) for _ in range(2)] for _ in range(3)
+    ]
+    estimates = [
+        [torch.rand(5, dtype=torch.float64, generator=gen) + 0.1 for _ in range(2)]
+        for _ in range(3)
+    ]
+    ps = [nn.Parameter(t.clone()) for t in thetas]
+    flat = [e for step in estimates for e in step]
+    opt = Given(
+        [ps[0]], flat[0::2], lr=0.1, betas=(0.8, 0.9), eps=1e-3, delta=delta, max_scale=max_scale
+    )
+    opt.add_param_group({"params": [ps[1]]})
+    given = iter(flat)
+    opt._estimates = lambda group, params: [next(given) for _ in params]
+    opt.squared, opt.power = squared, power
+    m = [torch.zeros(5, dtype=torch.float64) for _ in ps]
+    v = [torch.zeros(5, dtype=torch.float64) for _ in ps]
+    expected = [t.clone() for t in thetas]
+    for t, (g_step, e_step) in enumerate(zip(grads, estimates), start=1):
+        for p, g in zip(ps, g_step):
+            p.grad = g.clone()
+        opt.step()
+        updates, curvatures = [], []
+        for i in range(2):
+            m[i] = 0.8 * m[i] + 0.2 * g_step[i]
+            v[i] = 0.9 * v[i] + 0.1 * (e_step[i] ** 2 if squared else e_step[i])
+            d = (v[i] / (1 - 0.9**t)) ** power
+            updates.append(0.1 / (1 - 0.8**t) * m[i] / (d + 1e-3))
+            curvatures.append(d)
+        total = sum((d * u**2).sum() for d, u in zip(curvatures, updates))
+        scale = min(max_scale, float((2 * delta / total) ** 0.5))
+        expected = [e - scale * u for e, u in zip(expected, updates)]
+    for p, e in zip(ps, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)
+
+
+def test_the_scaling_tames_a_step_size_that_diverges():
+    """A ReLU network where AdaHesScale at lr=1 blows up (the guard says so); with the scaling
+    the same step size trains."""
+    torch.manual_seed(0)
+    make = lambda: hesscale.extend(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)))
+    model = make()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    with pytest.raises(UpdateError, match="parameter .* of parameter group 0.*smaller lr"):
+        _train(model, loss_fn, x, y, AdaHesScale(model.parameters(), lr=1.0, eps=1e-12), 5)
+    torch.manual_seed(0)
+    model = make()
+    losses = _train(
+        model, loss_fn, x, y, AdaHesScale(model.parameters(), lr=1.0, eps=1e-12, delta=1e-2), 30
+    )
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_the_guard_writes_nothing_when_it_refuses():
+    model, loss_fn, x, y = _problem()
+    opt = Adam(model.parameters(), lr=0.01)
+    _train(model, loss_fn, x, y, opt, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    model[2].weight.grad[0, 0] = float("inf")
+    with pytest.raises(
+        UpdateError, match=r"parameter 2 of parameter group 0 \(shape \(3, 6\)\).*not finite"
+    ):
+        opt.step()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    off = Adam(model.parameters(), lr=0.01, guard=False)
+    off.step()  # guard=False writes whatever the update is
+    assert not torch.isfinite(model[2].weight).all()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 import hesscale
-from hesscale.optim import OPTIMIZERS
+from hesscale.optim import OPTIMIZERS, UpdateError
 
 from .data import Splits, deepobs_splits, load, prepare
 from .io import ResultFileError, atomic_write_json, environment_record, progress, read_json
@@ -278,7 +278,11 @@ def train(
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
                 loss.backward(create_graph=create_graph)
-            opt.step()
+            try:
+                opt.step()
+            except UpdateError:  # the guard refused a blow-up: the run diverged
+                status = "diverged"
+                break
         elapsed += time.perf_counter() - tic
         if status == "diverged":
             break

@@ -1,8 +1,16 @@
 """Optimizers on curvature estimates, drop-in replacements for ``torch.optim.Adam``."""
 
 from ._base import CurvatureAdam
-from ._functional import curvature_adam
-from .optimizers import OPTIMIZERS, AdaBL89, AdaGGNMC, AdaHesScale, AdaHesScaleGN, AdaHessian
+from ._functional import UpdateError, curvature_adam
+from .optimizers import (
+    OPTIMIZERS,
+    AdaBL89,
+    AdaGGNMC,
+    AdaHesScale,
+    AdaHesScaleGN,
+    AdaHessian,
+    Adam,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -11,6 +19,8 @@ __all__ = [
     "AdaHesScale",
     "AdaHesScaleGN",
     "AdaHessian",
+    "Adam",
     "CurvatureAdam",
+    "UpdateError",
     "curvature_adam",
 ]

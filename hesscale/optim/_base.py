@@ -9,7 +9,7 @@ from torch.optim import Optimizer
 
 from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, loss_factor, request
 from ._distributed import EstimateReducer
-from ._functional import curvature_adam
+from ._functional import apply_updates, check_updates, curvature_adam, step_scale
 
 
 def _check(condition: bool, message: str) -> None:
@@ -43,6 +43,13 @@ class CurvatureAdam(Optimizer):
             ranks exists. Nothing is communicated on steps without an estimate.
         bucket_cap_mb: the largest bucket of estimates sent in one all-reduce.
         process_group: the ranks to average over (default: the default group).
+        delta: turn on the paper authors' step-size scaling (see
+            :mod:`hesscale.optim._functional`): the quadratic model's predicted change of the
+            loss, ``½ Σ d ⊙ u²`` over all parameters, is at most ``delta``. None (default): off.
+        max_scale: the largest factor the scaling applies to the updates.
+        guard: refuse (``UpdateError``, naming the parameter) an update that is not finite or
+            that would grow the parameters' norm by more than 100× in one step, before it is
+            written into the weights.
 
     With ``torch.amp.GradScaler`` (``scaler.step(opt)``), the loss scale is removed from the
     gradients and from the estimates, and a step skipped for overflow leaves the curvature
@@ -69,6 +76,9 @@ class CurvatureAdam(Optimizer):
         distributed: bool | None = None,
         bucket_cap_mb: float = 25.0,
         process_group=None,
+        delta: float | None = None,
+        max_scale: float = 1.0,
+        guard: bool = True,
     ):
         if isinstance(lr, Tensor):
             lr = float(lr)
@@ -83,6 +93,8 @@ class CurvatureAdam(Optimizer):
             f"Invalid update_every value: {update_every} (a positive integer)",
         )
         _check(bucket_cap_mb > 0, f"Invalid bucket_cap_mb value: {bucket_cap_mb}")
+        _check(delta is None or delta > 0, f"Invalid delta value: {delta} (positive, or None)")
+        _check(max_scale > 0, f"Invalid max_scale value: {max_scale}")
         _check(
             not distributed or (dist.is_available() and dist.is_initialized()),
             "distributed=True averages the estimates across the ranks of a torch.distributed "
@@ -98,8 +110,11 @@ class CurvatureAdam(Optimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             update_every=update_every,
             maximize=maximize,
+            delta=delta,
+            max_scale=max_scale,
         )
         super().__init__(params, defaults)
+        self.guard = guard
         self.distributed = distributed
         self.bucket_cap_mb = bucket_cap_mb
         self.process_group = process_group
@@ -168,6 +183,27 @@ class CurvatureAdam(Optimizer):
             unscaled.append(estimate if scale is None else estimate / scale)
         return grads, unscaled
 
+    def _write(self, pending) -> None:
+        """Scale (one quadratic term over every parameter that scales), guard, then write."""
+        directions = [d for _, _, d in pending]
+        scaling = [d for (index, _, d) in pending if self.param_groups[index]["delta"] is not None]
+        factors = {}
+        for index, group in enumerate(self.param_groups):
+            if group["delta"] is not None and scaling:
+                factors[index] = step_scale(scaling, group["delta"], group["max_scale"])
+        scales = [factors.get(index, 1.0) for index, _, _ in pending]
+        if self.guard:
+
+            def where(k):
+                index, i, d = pending[k]
+                return (
+                    f"parameter {i} of parameter group {index} (shape {tuple(d.param.shape)}) "
+                    f"of {type(self).__name__}"
+                )
+
+            check_updates(directions, scales, where)
+        apply_updates(directions, scales)
+
     def _prepare_estimates(self) -> None:
         """Hook for estimators computed in ``step`` rather than in the backward pass."""
 
@@ -196,6 +232,7 @@ class CurvatureAdam(Optimizer):
             return loss  # overflow: skip the step, gradients and curvature alike
         self._prepare_estimates()
         grad_scale = getattr(self, "grad_scale", None)
+        pending = []  # (group index, position in group, Direction)
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -221,7 +258,7 @@ class CurvatureAdam(Optimizer):
                 if update_curvature:
                     self.state[p]["curvature_step"] += 1
             beta1, beta2 = group["betas"]
-            curvature_adam(
+            directions = curvature_adam(
                 params,
                 grads,
                 estimates,
@@ -239,6 +276,9 @@ class CurvatureAdam(Optimizer):
                 squared=self.squared,
                 power=self.power,
                 maximize=group["maximize"],
+                scaled=group["delta"] is not None,
             )
+            pending += [(index, i, d) for i, d in enumerate(directions)]
             self._request(group, self._wants_estimate(group))
+        self._write(pending)
         return loss

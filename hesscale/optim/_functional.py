@@ -17,11 +17,56 @@ with ``τ`` the number of curvature updates so far. AdaHesScale: ``S`` the HesSc
 squared, ``p = 1/2``; with ``S = |g|`` this is exactly ``torch.optim.Adam``. The paper's
 Algorithm 2 writes ``ε`` inside the square root (``eps=0, eps_root=1e-8``); the authors' code and
 torch's Adam put it outside (the default here).
+
+**Step-size scaling** (the paper authors' 2024 ``*Scaled`` optimizers), optional: with ``u`` every
+parameter's update and ``d = (v_t/(1-β_2^τ) + ε_root)^p`` its curvature denominator, the
+quadratic model predicts the change ``½ Σ d ⊙ u²``; all updates are multiplied by
+``min(max_scale, √(2δ / T))``, ``T = Σ_params Σ d ⊙ u²``, so that it never exceeds ``δ``. (The
+authors' code uses the moving average before its bias correction in ``d``; after ``1/(1-β_2)``
+steps the two agree.)
+
+**The guard**: before anything is written, an update that is not finite, or whose norm exceeds
+100 times the parameters' norm, raises :class:`UpdateError` naming the parameter.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor
+
+BLOW_UP = 100.0  # an update this many times the parameters' norm is refused by the guard
+
+
+class UpdateError(RuntimeError):
+    """An optimizer update that the guard refused to write into the weights."""
+
+
+@dataclass
+class Direction:
+    """One parameter's pending update ``θ ← decay · θ − scale · step_size · exp_avg / denom``.
+
+    :meth:`ratio` turns ``denom`` into ``exp_avg / denom`` in place (the guard and the scaling
+    need the update itself); :func:`apply_updates` then adds it instead of running
+    ``addcdiv`` (the same update, rounded once more).
+    """
+
+    param: Tensor
+    exp_avg: Tensor
+    denom: Tensor
+    step_size: float
+    decay: float  # decoupled weight decay factor (1.0: none)
+    curvature: Tensor | None = None  # d, for the step-size scaling
+    divided: bool = False
+
+    def ratio(self) -> Tensor:
+        """``exp_avg / denom`` (the update divided by ``step_size``)."""
+        if not self.divided:
+            torch.div(self.exp_avg, self.denom, out=self.denom)
+            self.divided = True
+        return self.denom
 
 
 def curvature_adam(
@@ -43,17 +88,22 @@ def curvature_adam(
     squared: bool,
     power: float,
     maximize: bool = False,
-) -> None:
-    """Apply the update above in place to ``params`` and their state tensors.
+    scaled: bool = False,
+) -> list[Direction]:
+    """Update the moments in place and return each parameter's pending update (nothing is
+    written to ``params``: :func:`apply_updates` does that).
 
     ``estimates[i]`` is None on steps without a curvature estimate (``update_every > 1``); then
     ``v`` keeps its value. ``steps`` and ``curvature_steps`` are the counts after this step.
+    ``scaled`` keeps the curvature denominators for the step-size scaling.
     """
+    directions = []
     for i, param in enumerate(params):
         grad = -grads[i] if maximize else grads[i]
+        decay = 1.0
         if weight_decay != 0:
             if decoupled_weight_decay:
-                param.mul_(1 - lr * weight_decay)
+                decay = 1 - lr * weight_decay
             else:
                 grad = grad.add(param, alpha=weight_decay)
         exp_avg, exp_avg_sq, estimate = exp_avgs[i], exp_avg_sqs[i], estimates[i]
@@ -67,7 +117,74 @@ def curvature_adam(
         bias_correction2 = 1 - beta2 ** curvature_steps[i]
         step_size = lr / bias_correction1
         if power == 0.5 and eps_root == 0:  # the operations of torch.optim.Adam, in its order
-            denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+            curvature = exp_avg_sq.sqrt() / bias_correction2**0.5
         else:
-            denom = (exp_avg_sq / bias_correction2).add_(eps_root).pow_(power).add_(eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+            curvature = (exp_avg_sq / bias_correction2).add_(eps_root).pow_(power)
+        denom = curvature.add(eps) if scaled else curvature.add_(eps)
+        directions.append(
+            Direction(param, exp_avg, denom, step_size, decay, curvature if scaled else None)
+        )
+    return directions
+
+
+def step_scale(directions: list[Direction], delta: float, max_scale: float) -> float:
+    """``min(max_scale, √(2δ / T))`` with ``T = Σ d ⊙ u²`` over ``directions`` (one pass over
+    each parameter and one synchronisation)."""
+    terms = [
+        torch.dot((d.ratio() * d.curvature).view(-1), d.ratio().view(-1)) * d.step_size**2
+        for d in directions
+    ]
+    total = float(torch.stack([t.to(terms[0].device, torch.float64) for t in terms]).sum())
+    if not math.isfinite(total):
+        return max_scale  # the guard reports the update itself
+    return max_scale if total <= 0 else min(max_scale, math.sqrt(2 * delta / total))
+
+
+def check_updates(directions: list[Direction], scales: list[float], where) -> None:
+    """The guard: raise :class:`UpdateError` for a non-finite or exploding update, before any
+    parameter is written. ``where(i)`` describes parameter ``i`` for the message. Costs two
+    norms per parameter and one synchronisation per step."""
+    if not directions:
+        return
+    device = directions[0].param.device
+    norms = torch.stack(
+        [
+            torch.stack(
+                [torch.linalg.vector_norm(d.ratio()), torch.linalg.vector_norm(d.param)]
+            ).to(device=device, dtype=torch.float64)
+            for d in directions
+        ]
+    ).cpu()
+    factors = torch.tensor([d.step_size * s for d, s in zip(directions, scales)])
+    update_sq = (norms[:, 0] * factors.to(torch.float64)).square()
+    param_sq = norms[:, 1].square()
+    bad = ~torch.isfinite(update_sq)
+    total_update, total_param = float(update_sq[~bad].sum()), float(param_sq.sum())
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        reason = "is not finite"
+    elif total_param > 0 and total_update > (BLOW_UP**2) * total_param:
+        i = int((update_sq / param_sq.clamp(min=1e-300)).argmax())
+        reason = (
+            f"would grow the parameters' norm from {total_param**0.5:.3g} by "
+            f"{total_update**0.5:.3g} in one step"
+        )
+    else:
+        return
+    raise UpdateError(
+        f"the update of {where(i)} {reason}; nothing was written into the weights. The curvature "
+        "estimate is zero or tiny for some weights (common for ReLU networks), so the step is "
+        "bounded only by eps: use a smaller lr, a larger eps, or the step-size scaling "
+        "(delta=..., max_scale=...), or guard=False to write such updates anyway."
+    )
+
+
+def apply_updates(directions: list[Direction], scales: list[float]) -> None:
+    """Write the updates: ``θ ← decay · θ − scale · step_size · m / denom``."""
+    for d, scale in zip(directions, scales):
+        if d.decay != 1.0:
+            d.param.mul_(d.decay)
+        if d.divided:
+            d.param.add_(d.denom, alpha=-d.step_size * scale)
+        else:  # torch.optim.Adam's operation, bit for bit
+            d.param.addcdiv_(d.exp_avg, d.denom, value=-d.step_size * scale)

@@ -8,6 +8,17 @@ from torch import Tensor
 from ._base import CurvatureAdam
 
 
+class Adam(CurvatureAdam):
+    r"""``torch.optim.Adam`` (``decoupled_weight_decay=True``: AdamW) as a :class:`CurvatureAdam`:
+    the estimate is :math:`|g|` (with the L2 term, as Adam's :math:`v` sees it), so the update is
+    Adam's bit for bit, and the options of the curvature optimizers apply: the step-size scaling
+    (``delta``, ``max_scale``) and the guard. Needs no extended model."""
+
+    def _estimates(self, group, params: list[Tensor]) -> list[Tensor]:
+        l2 = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+        return [p.grad.add(p, alpha=l2).abs() if l2 else p.grad.abs() for p in params]
+
+
 class AdaHesScale(CurvatureAdam):
     r"""Adam on HesScale's Hessian-diagonal estimate (Algorithm 2 of the paper).
 
