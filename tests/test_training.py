@@ -104,6 +104,17 @@ def test_divergence_is_recorded(tmp_path):
     assert len(record["curves"]["epoch"]) < 4
 
 
+def test_an_update_the_guard_refuses_is_recorded_as_divergence(tmp_path, monkeypatch):
+    from hesscale.optim import AdaHesScale, UpdateError
+
+    def refuse(self, closure=None):
+        raise UpdateError("refused")
+
+    monkeypatch.setattr(AdaHesScale, "step", refuse)
+    record = train(_config(optimizer="adahesscale"), tmp_path, _splits(), show_progress=False)
+    assert record["status"] == "diverged" and record["curves"]["epoch"] == [0]
+
+
 def _record(losses, status="finished"):
     return {"status": status, "curves": {"valid_loss": losses}}
 
