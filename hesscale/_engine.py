@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import UnsupportedModuleError
+from ._floating import flush_denormals, flushing_denormals
 from ._ggn_mc import sampled_ggn_diagonals
 from ._methods import METHODS, Method, get_method
 from .baselines import sample_hessian_factor
@@ -266,6 +267,7 @@ class _Pass:
         self.estimates: dict[Tensor, Tensor] = {}
         self.handles: list[RemovableHandle] = []
         self.layer_params: dict[int, list[Tensor]] = {}  # id(call) -> its estimated parameters
+        self.user_flushes = flushing_denormals()  # the caller's setting, restored after each rule
 
     @property
     def loss_factor(self) -> Tensor | None:
@@ -508,13 +510,15 @@ class _Pass:
 
 
 def _on_node(pass_: _Pass, node, grads):
-    """Prehook of a node: apply its rule (see the module docstring)."""
+    """Prehook of a node: apply its rule (see the module docstring), with subnormal floats
+    flushed to zero (:mod:`hesscale._floating`) and autocast off."""
     device = next((g.device.type for g in grads if g is not None), "cpu")
-    if torch.is_autocast_enabled(device):
-        with torch.autocast(device, enabled=False):
+    with flush_denormals(pass_.user_flushes):
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                _apply(pass_, node, grads)
+        else:
             _apply(pass_, node, grads)
-    else:
-        _apply(pass_, node, grads)
 
 
 def _as(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
@@ -627,6 +631,11 @@ def _store_layer(pass_: _Pass, call: _LayerCall, estimates: dict, params: list[T
 
 def _on_monte_carlo(pass_: _Pass, forward: _Forward, grads) -> None:
     """Prehook at the network output under GGN-MC: sample, backpropagate, square."""
+    with flush_denormals(pass_.user_flushes):
+        _monte_carlo(pass_, forward)
+
+
+def _monte_carlo(pass_: _Pass, forward: _Forward) -> None:
     options = pass_.options
     factors = forward.loss.factors(options.samples, options.generator)
     sampled = sampled_ggn_diagonals(

@@ -1,0 +1,37 @@
+"""Subnormal floats flushed to zero inside hesscale's own arithmetic, and only there.
+
+Curvature estimates and their moving averages decay towards zero in training (a loss driven
+towards zero on a reused batch, saturated units): below 1.2e-38 float32 values are subnormal,
+and x86 processors compute with them about 100 times slower. The curvature rules and the
+optimizer update run with flush-to-zero on; the caller's setting is restored afterwards (PyTorch
+offers no getter: it is probed with one multiplication). The setting is per thread: it covers
+the thread that runs the rules and the update, not PyTorch's intra-op worker threads.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+_SUBNORMAL = 1e-39  # a float32 subnormal number
+
+
+def flushing_denormals() -> bool:
+    """Whether this thread flushes subnormal floats to zero now."""
+    return (torch.tensor([_SUBNORMAL]) * 1.0).item() == 0.0
+
+
+@contextmanager
+def flush_denormals(already: bool | None = None):
+    """Flush subnormal floats to zero inside; restore the caller's setting after. ``already``
+    is the caller's setting if known (saves the probe)."""
+    if already is None:
+        already = flushing_denormals()
+    if already or not torch.set_flush_denormal(True):  # on, or not supported by this CPU
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
