@@ -18,6 +18,7 @@ from hesscale.optim import (
     AdaHessian,
     Adam,
     CurvatureAdam,
+    Sophia,
     UpdateError,
 )
 
@@ -363,3 +364,73 @@ def test_the_guard_writes_nothing_when_it_refuses():
     off = Adam(model.parameters(), lr=0.01, guard=False)
     off.step()  # guard=False writes whatever the update is
     assert not torch.isfinite(model[2].weight).all()
+
+
+def _sophia_by_hand(theta, grads, estimates, lr, b1, b2, gamma, eps, wd, k):
+    """Sophia's algorithm in float64: ``h`` refreshed on steps 0, k, 2k, ...; no bias
+    corrections; decoupled weight decay; the ratio clipped to [-1, 1]."""
+    theta, m, h = theta.clone(), torch.zeros_like(theta), torch.zeros_like(theta)
+    given = iter(estimates)
+    for t, g in enumerate(grads):
+        m = b1 * m + (1 - b1) * g
+        if t % k == 0:
+            h = b2 * h + (1 - b2) * next(given)
+        theta = theta * (1 - lr * wd)
+        theta = theta - lr * torch.clamp(m / torch.clamp(gamma * h, min=eps), -1, 1)
+    return theta
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_sophia_is_its_algorithm_written_out(k):
+    gen = torch.Generator().manual_seed(0)
+    theta0 = torch.randn(6, dtype=torch.float64, generator=gen)
+    grads = [torch.randn(6, dtype=torch.float64, generator=gen) for _ in range(7)]
+    # estimates of both signs and tiny ones, so that clipping and ε both act
+    estimates = [torch.randn(6, dtype=torch.float64, generator=gen) * 50 for _ in range(7)]
+    p = nn.Parameter(theta0.clone())
+    opt = Sophia(
+        [p],
+        lr=0.05,
+        betas=(0.9, 0.8),
+        gamma=0.02,
+        eps=1e-3,
+        weight_decay=0.1,
+        update_every=k,
+        guard=False,
+    )
+    given = iter(estimates)
+    opt._estimates = lambda group, params: [next(given) for _ in params]
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    expected = _sophia_by_hand(theta0, grads, estimates, 0.05, 0.9, 0.8, 0.02, 1e-3, 0.1, k)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("estimator", ["hesscale_gn", "hesscale", "ggn_mc", "hutchinson"])
+def test_sophia_trains_with_every_estimator_and_round_trips(estimator):
+    model, loss_fn, x, y = _problem()
+    opt = Sophia(model.parameters(), lr=0.05, update_every=2, estimator=estimator)
+    hutch = estimator == "hutchinson"
+    torch.manual_seed(5)
+    losses = _train(model, loss_fn, x, y, opt, 12, create_graph=hutch)
+    assert losses[-1] < losses[0]
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    rng = torch.get_rng_state()
+    _train(model, loss_fn, x, y, opt, 3, create_graph=hutch)
+    fresh, *_ = _problem(seed=1)
+    fresh.load_state_dict(saved_model)
+    fresh_opt = Sophia(fresh.parameters(), lr=0.5, update_every=2, estimator=estimator)
+    fresh_opt.load_state_dict(saved_opt)
+    torch.set_rng_state(rng)
+    _train(fresh, loss_fn, x, y, fresh_opt, 3, create_graph=hutch)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_sophia_refuses_bad_settings():
+    model, *_ = _problem()
+    with pytest.raises(ValueError, match="Invalid estimator: 'kfac'"):
+        Sophia(model.parameters(), estimator="kfac")
+    with pytest.raises(ValueError, match="Invalid gamma value: 0"):
+        Sophia(model.parameters(), gamma=0)

@@ -10,6 +10,7 @@ from .optimizers import (
     AdaHesScaleGN,
     AdaHessian,
     Adam,
+    Sophia,
 )
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "AdaHessian",
     "Adam",
     "CurvatureAdam",
+    "Sophia",
     "UpdateError",
     "curvature_adam",
 ]

@@ -205,6 +205,10 @@ class CurvatureAdam(Optimizer):
             check_updates(directions, scales, where)
         apply_updates(directions, scales)
 
+    def _update_options(self, group) -> dict:
+        """Further switches of :func:`curvature_adam` for a group (Sophia's clipping)."""
+        return {}
+
     def _prepare_estimates(self) -> None:
         """Hook for estimators computed in ``step`` rather than in the backward pass."""
 
@@ -283,6 +287,7 @@ class CurvatureAdam(Optimizer):
                 power=self.power,
                 maximize=group["maximize"],
                 scaled=group["delta"] is not None,
+                **self._update_options(group),
             )
             pending += [(index, i, d) for i, d in enumerate(directions)]
             self._request(group, self._wants_estimate(group))

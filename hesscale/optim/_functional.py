@@ -59,12 +59,15 @@ class Direction:
     step_size: float
     decay: float  # decoupled weight decay factor (1.0: none)
     curvature: Tensor | None = None  # d, for the step-size scaling
+    clip: float | None = None  # Sophia: the ratio is clipped to [-clip, clip]
     divided: bool = False
 
     def ratio(self) -> Tensor:
-        """``exp_avg / denom`` (the update divided by ``step_size``)."""
+        """``exp_avg / denom`` (the update divided by ``step_size``), clipped for Sophia."""
         if not self.divided:
             torch.div(self.exp_avg, self.denom, out=self.denom)
+            if self.clip is not None:
+                self.denom.clamp_(-self.clip, self.clip)
             self.divided = True
         return self.denom
 
@@ -89,6 +92,8 @@ def curvature_adam(
     power: float,
     maximize: bool = False,
     scaled: bool = False,
+    clip: float | None = None,
+    gamma: float = 1.0,
 ) -> list[Direction]:
     """Update the moments in place and return each parameter's pending update (nothing is
     written to ``params``: :func:`apply_updates` does that).
@@ -96,6 +101,10 @@ def curvature_adam(
     ``estimates[i]`` is None on steps without a curvature estimate (``update_every > 1``); then
     ``v`` keeps its value. ``steps`` and ``curvature_steps`` are the counts after this step.
     ``scaled`` keeps the curvature denominators for the step-size scaling.
+
+    ``clip`` switches to Sophia's update (Liu et al. 2023): no bias corrections, the denominator
+    ``max(γ v, ε)`` instead of ``v^p + ε``, and the ratio clipped to ``[−clip, clip]``:
+    ``θ ← θ − α · clip(m / max(γ v, ε), clip)``.
     """
     directions = []
     for i, param in enumerate(params):
@@ -113,6 +122,13 @@ def curvature_adam(
                 exp_avg_sq.mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
             else:
                 exp_avg_sq.mul_(beta2).add_(estimate, alpha=1 - beta2)
+        if clip is not None:  # Sophia
+            curvature = exp_avg_sq * gamma
+            denom = curvature.clamp(min=eps)
+            directions.append(
+                Direction(param, exp_avg, denom, lr, decay, curvature if scaled else None, clip)
+            )
+            continue
         bias_correction1 = 1 - beta1 ** steps[i]
         bias_correction2 = 1 - beta2 ** curvature_steps[i]
         step_size = lr / bias_correction1
@@ -184,6 +200,8 @@ def apply_updates(directions: list[Direction], scales: list[float]) -> None:
     for d, scale in zip(directions, scales):
         if d.decay != 1.0:
             d.param.mul_(d.decay)
+        if d.clip is not None:
+            d.ratio()
         if d.divided:
             d.param.add_(d.denom, alpha=-d.step_size * scale)
         else:  # torch.optim.Adam's operation, bit for bit

@@ -93,32 +93,121 @@ class AdaHessian(CurvatureAdam):
         """One Hessian-vector product for all parameter groups, if any group updates its v."""
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         wanted = any(self._wants_estimate(g) for g in self.param_groups)
-        self._products = self._hutchinson(params) if params and wanted else {}
-
-    def _hutchinson(self, params: list[Tensor]) -> dict[Tensor, Tensor]:
-        """One Rademacher probe for all parameters at once: ``z ⊙ Hz``, spatially averaged."""
-        if any(p.grad.grad_fn is None for p in params):
-            raise RuntimeError(
-                "AdaHessian differentiates the gradient: call loss.backward(create_graph=True) "
-                "before step()"
-            )
-        probes = [
-            torch.randint(0, 2, p.shape, generator=self.generator, device=p.device).to(p.dtype) * 2
-            - 1
-            for p in params
-        ]
-        with torch.enable_grad():
-            hz = torch.autograd.grad([p.grad for p in params], params, probes)
-        products = {}
-        for p, z, h in zip(params, probes, hz):
-            d = z * h
-            if d.dim() >= 3:
-                d = d.abs().mean(dim=tuple(range(2, d.dim())), keepdim=True).expand_as(d)
-            products[p] = d.detach()
-        return products
+        self._products = (
+            hutchinson_products(params, self.generator, type(self).__name__, spatial_average=True)
+            if params and wanted
+            else {}
+        )
 
     def _estimates(self, group, params: list[Tensor]) -> list[Tensor]:
         return [self._products[p] for p in params]
+
+
+def hutchinson_products(
+    params: list[Tensor], generator, who: str, spatial_average: bool
+) -> dict[Tensor, Tensor]:
+    """One Rademacher probe for all parameters at once: ``z ⊙ Hz`` from the gradients' graph;
+    ``spatial_average`` averages ``|z ⊙ Hz|`` over the spatial dimensions of convolution
+    kernels (AdaHessian)."""
+    if any(p.grad.grad_fn is None for p in params):
+        raise RuntimeError(
+            f"{who} with Hutchinson's estimate differentiates the gradient: call "
+            "loss.backward(create_graph=True) before step()"
+        )
+    probes = [
+        torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype) * 2 - 1
+        for p in params
+    ]
+    with torch.enable_grad():
+        hz = torch.autograd.grad([p.grad for p in params], params, probes)
+    products = {}
+    for p, z, h in zip(params, probes, hz):
+        d = z * h
+        if spatial_average and d.dim() >= 3:
+            d = d.abs().mean(dim=tuple(range(2, d.dim())), keepdim=True).expand_as(d)
+        products[p] = d.detach()
+    return products
+
+
+class Sophia(CurvatureAdam):
+    r"""Sophia (Liu et al. 2023) on a diagonal curvature estimate of this library.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\qquad
+        h_t = \beta_2 h_{t-k} + (1-\beta_2) \hat h_t \text{ every } k \text{ steps},\\
+        \theta_t = (1 - \alpha\lambda)\,\theta_{t-1}
+            - \alpha\, \operatorname{clip}\!\left(\frac{m_t}{\max(\gamma h_t, \epsilon)}, 1\right)
+
+    (no bias corrections, decoupled weight decay ``λ``). ``estimator`` chooses ``ĥ``:
+    ``"hesscale_gn"`` (the default: HesScaleGN, deterministic, one backward pass),
+    ``"hesscale"``, ``"ggn_mc"`` (GNB: a Gauss-Newton estimate from one label sampled from the
+    model, as Sophia-G) or ``"hutchinson"`` (Sophia-H: ``z ⊙ Hz``, which needs
+    ``loss.backward(create_graph=True)``). The clipping bounds every coordinate's step by ``α``,
+    whatever the estimate: where it is zero or negative the step is ``α · sign(m)``.
+
+    Args:
+        lr: ``α`` (default 1e-3), betas: ``(β₁, β₂)`` (default (0.965, 0.99), Sophia's),
+        gamma: ``γ`` (default 0.01), eps: ``ε`` (default 1e-12), weight_decay: ``λ`` (default
+        0.1), update_every: ``k`` (default 10); the other options of :class:`CurvatureAdam`.
+    """
+
+    squared = False
+    power = 1.0
+    ESTIMATORS = ("hesscale_gn", "hesscale", "ggn_mc", "hutchinson")
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.965, 0.99),
+        gamma: float = 0.01,
+        eps: float = 1e-12,
+        weight_decay: float = 0.1,
+        update_every: int = 10,
+        estimator: str = "hesscale_gn",
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ):
+        if estimator not in self.ESTIMATORS:
+            raise ValueError(
+                f"Invalid estimator: {estimator!r}; choose one of {list(self.ESTIMATORS)}"
+            )
+        if not gamma > 0:
+            raise ValueError(f"Invalid gamma value: {gamma}")
+        self.method = None if estimator == "hutchinson" else estimator
+        self.estimator = estimator
+        self.generator = generator
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=True,
+            update_every=update_every,
+            **kwargs,
+        )
+        for group in self.param_groups:
+            group.setdefault("gamma", gamma)
+
+    def _update_options(self, group) -> dict:
+        return {"clip": 1.0, "gamma": group["gamma"]}
+
+    def _prepare_estimates(self) -> None:
+        if self.estimator != "hutchinson":
+            return
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        wanted = any(self._wants_estimate(g) for g in self.param_groups)
+        self._products = (
+            hutchinson_products(params, self.generator, "Sophia", spatial_average=False)
+            if params and wanted
+            else {}
+        )
+
+    def _estimates(self, group, params: list[Tensor]) -> list[Tensor]:
+        if self.estimator == "hutchinson":
+            return [self._products[p] for p in params]
+        return super()._estimates(group, params)
 
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -129,4 +218,4 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adabl89": AdaBL89,
     "adahesscale": AdaHesScale,
     "adahesscalegn": AdaHesScaleGN,
-}
+}  # the paper's comparison, by the names `hesscale train` and `tune` take
