@@ -7,6 +7,11 @@ Public API:
     register_rule(type, rule) add a rule for a layer or autograd Function of your own
     register_estimate_hook(param, hook)   run hook(param) when a backward pass writes its estimate
     UnsupportedModuleError
+
+Optimizers (``hesscale.optim``): AdaHesScale, AdaHesScaleGN, AdaBL89, AdaGGNMC, AdaHessian,
+Sophia and Adam, drop-in replacements for ``torch.optim.Adam`` (step-size scaling, a guard).
+Ground truth for small models: ``hesscale.reference``; the paper's experiments:
+``hesscale.experiments`` and the ``hesscale`` command.
 """
 
 from ._engine import (

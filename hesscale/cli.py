@@ -1,10 +1,12 @@
-"""The ``hesscale`` command: reproduce the paper's figures.
+"""The hesscale command: reproduce the paper's figures, train and tune optimizers.
 
 hesscale reproduce            Fig. 1 (approximation quality), then Fig. 2 (cost)
 hesscale reproduce fig1 [--out DIR] [--seeds N] [--examples N]
                         [--architecture mlp|residual|gated|cnn|lm|transformer|gpt]
 hesscale reproduce fig2 [--out DIR] [--full] [--batch-size B] [--loss mse|ce]
                         [--include-forward] [--rounds R] [--device cpu|cuda]
+hesscale train --problem P --optimizer O --lr LR [...]   one run on a DeepOBS problem
+hesscale tune --problem P [--optimizers ...] [--budget default|paper|tiny]
 """
 
 from __future__ import annotations
@@ -99,6 +101,20 @@ def _tune(args) -> None:
     )
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that states each option's default, unless the help says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default is None or action.default is False:
+            return text
+        if "default" in text:
+            return text
+        if action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--padding",
@@ -114,13 +130,21 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--download", action="store_true", help="download missing data files (checksums verified)"
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hesscale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="hesscale",
+        description="Hessian-diagonal estimates at about the cost of a gradient: reproduce the "
+        "paper's figures (reproduce), train one configuration on a DeepOBS problem (train), or "
+        "run the paper's step-size search with selection and reruns (tune).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    reproduce = commands.add_parser("reproduce", help="reproduce a figure of the paper")
+    defaults = _DefaultsShown
+    reproduce = commands.add_parser(
+        "reproduce", help="reproduce a figure of the paper", formatter_class=defaults
+    )
     reproduce.add_argument("figure", nargs="?", choices=["fig1", "fig2", "all"], default="all")
     reproduce.add_argument("--out", default=None, help="output directory (default results/FIG)")
     group1 = reproduce.add_argument_group("fig1")
@@ -136,42 +160,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group2 = reproduce.add_argument_group("fig2")
     group2.add_argument("--full", action="store_true", help="panel (b) up to 128 hidden layers")
-    group2.add_argument("--batch-size", type=int, default=1)
-    group2.add_argument("--loss", choices=["mse", "ce"], default="mse")
+    group2.add_argument("--batch-size", type=int, default=1, help="examples per timed update")
+    group2.add_argument("--loss", choices=["mse", "ce"], default="mse", help="the loss timed")
     group2.add_argument(
         "--include-forward",
         action="store_true",
         help="time forward + backward + update instead of backward + update",
     )
     group2.add_argument("--rounds", type=int, default=30, help="timed updates per point")
-    group2.add_argument("--device", default="cpu")
+    group2.add_argument("--device", default="cpu", help="cpu or cuda")
 
     from .experiments.problems import PROBLEMS
     from .optim import OPTIMIZERS
 
-    train = commands.add_parser("train", help="train one configuration on a DeepOBS problem")
-    train.add_argument("--problem", required=True, choices=sorted(PROBLEMS))
-    train.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS))
-    train.add_argument("--lr", type=float, required=True)
-    train.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999])
-    train.add_argument("--eps", type=float, default=1e-8)
+    train = commands.add_parser(
+        "train", help="train one configuration on a DeepOBS problem", formatter_class=defaults
+    )
+    train.add_argument("--problem", required=True, choices=sorted(PROBLEMS), help="the problem")
+    train.add_argument("--optimizer", required=True, choices=list(OPTIMIZERS), help="the optimizer")
+    train.add_argument("--lr", type=float, required=True, help="step size α")
+    train.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="β₁ β₂ (not SGD)")
+    train.add_argument("--eps", type=float, default=1e-8, help="ε of the adaptive optimizers")
     train.add_argument(
         "--weight-decay",
         type=float,
         default=None,
         help="L2 penalty on weights (default: the problem's)",
     )
-    train.add_argument("--epochs", type=int, default=2)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=2, help="training epochs")
+    train.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     train.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
-    train.add_argument("--out", default="results/train")
+    train.add_argument(
+        "--out", default="results/train", help="folder of the run record and checkpoint"
+    )
     _data_arguments(train)
 
-    tune = commands.add_parser("tune", help="the paper's grid search, selection and reruns")
-    tune.add_argument("--problem", required=True, choices=sorted(PROBLEMS))
-    tune.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    tune.add_argument("--budget", choices=["default", "paper", "tiny"], default="default")
-    tune.add_argument("--out", default="results/tune")
+    tune = commands.add_parser(
+        "tune", help="the paper's grid search, selection and reruns", formatter_class=defaults
+    )
+    tune.add_argument("--problem", required=True, choices=sorted(PROBLEMS), help="the problem")
+    tune.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=list(OPTIMIZERS),
+        choices=list(OPTIMIZERS),
+        help="optimizers to tune",
+    )
+    tune.add_argument(
+        "--budget",
+        choices=["default", "paper", "tiny"],
+        default="default",
+        help="default: 2 epochs, 4 step sizes grown while the best is on the edge, β₁ ∈ {0, 0.9} "
+        "× β₂ ∈ {0.99, 0.999, 0.9999}, the best rerun over 3 seeds; paper: the problem's full "
+        "epochs, 7 step sizes, 30 seeds; tiny: 1 epoch of 3 batches, 2 step sizes, one β pair, "
+        "2 seeds (a smoke test)",
+    )
+    tune.add_argument("--out", default="results/tune", help="folder of the runs and the report")
     tune.add_argument(
         "--eps",
         type=float,

@@ -252,6 +252,7 @@ def test_compiled_models_are_refused_with_a_clear_message():
         hesscale.extend(torch.compile(model))
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo does not know how to trace the builtin")
 def test_compiling_an_extended_model_is_refused_or_changes_nothing():
     """torch.compile either is refused by name or leaves the hooks' view intact (dynamo falls
     back to eager around them): never a different number."""

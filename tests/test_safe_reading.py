@@ -87,6 +87,7 @@ def _checkpoint_path(out):
     return out / f"{_config().name()}.ckpt"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hostile file's own
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
 def test_a_hostile_checkpoint_is_refused_and_runs_nothing(tmp_path, writer):
     marker = tmp_path / "created-by-the-checkpoint"

@@ -56,6 +56,11 @@ class RunConfig:
     max_batches: int | None = None  # cap on batches per epoch (tests, smoke runs)
     extra: dict = field(default_factory=dict)  # further optimizer arguments
 
+    def label(self) -> str:
+        """What a progress bar shows of the run (the name without its problem and digest)."""
+        b1, b2 = self.betas
+        return f"{self.optimizer} lr{self.lr:.3g} b{b1:g}-{b2:g} s{self.seed}"
+
     def name(self) -> str:
         """A file name that identifies the configuration."""
         digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
@@ -252,7 +257,7 @@ def train(
     create_graph = config.optimizer == "adahessian"
     train_x, train_y = splits.train
     bar = (
-        progress(total=config.epochs, desc=config.name()[:40], unit="epoch")
+        progress(total=config.epochs, desc=config.label(), unit="epoch")
         if show_progress and ranks.lead
         else None
     )
