@@ -323,12 +323,20 @@ def plot(summary: dict, out: Path) -> None:
     labels = [label for label, _, _ in METHODS if label in methods] + [REFERENCE]
     architecture = summary["config"].get("architecture", "mlp")
     seeds = len(methods["HesScale"]["normalized"])
-    colors = plt.cm.viridis([i / max(seeds - 1, 1) for i in range(seeds)])
     fig, ax = plt.subplots(figsize=(11, 4.5))
     for i, label in enumerate(labels):
         values = methods[label]["normalized"]
         jitter = [(k - seeds / 2) / (seeds * 3) for k in range(seeds)]
-        ax.scatter([i + j for j in jitter], values, c=colors, s=12, zorder=3)
+        dots = ax.scatter(
+            [i + j for j in jitter],
+            values,
+            c=list(range(seeds)),
+            cmap="viridis",
+            vmin=0,
+            vmax=max(seeds - 1, 1),
+            s=12,
+            zorder=3,
+        )
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_yscale("log")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
@@ -339,26 +347,41 @@ def plot(summary: dict, out: Path) -> None:
         + (f"\n(not defined here: {', '.join(missing)})" if missing else "")
     )
     ax.grid(axis="y", which="both", alpha=0.3)
+    bar = fig.colorbar(dots, ax=ax, pad=0.01)
+    bar.set_label("initialization (seed); one dot per method and seed")
     fig.tight_layout()
     fig.savefig(out / "fig1a.png", dpi=130)
     plt.close(fig)
 
     layer_names = list(methods["HesScale"]["per_layer"])
     floor = 1e-8  # errors at machine precision (exact last layers) are drawn at this floor
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.8))
     width = 0.8 / len(labels)
-    palette = plt.cm.tab20([i / 20 for i in range(len(labels))])
+    # distinct hues; the 1- and 50-sample versions of a stochastic method share a hue and differ
+    # by hatching, so that no two neighbours are a light/dark pair of one colour
+    hues = [c for i, c in enumerate(plt.cm.tab10.colors) if i != 7]  # grey: the reference
+    family = {}
+    for label in labels:
+        base = label.split("-MC")[0]
+        family.setdefault(base, len(family))
+    exact_drawn = False
     for i, label in enumerate(labels):
-        means = [
-            max(sum(methods[label]["per_layer"][layer]) / seeds, floor) for layer in layer_names
-        ]
+        base = label.split("-MC")[0]
+        means = [sum(methods[label]["per_layer"][layer]) / seeds for layer in layer_names]
+        xs = [k + (i - len(labels) / 2 + 0.5) * width for k in range(len(layer_names))]
         ax.bar(
-            [k + (i - len(labels) / 2 + 0.5) * width for k in range(len(layer_names))],
-            means,
+            xs,
+            [max(m, floor) for m in means],
             width,
             label=label,
-            color=palette[i],
+            color=hues[family[base] % len(hues)] if label != REFERENCE else "0.85",
+            hatch="//" if label.endswith("MC1") else (".." if label == REFERENCE else None),
+            edgecolor="white" if label.endswith("MC1") else ("0.5" if label == REFERENCE else None),
         )
+        for x, m in zip(xs, means):
+            if m < 10 * floor:  # exact up to rounding: say so instead of an invisible bar
+                ax.text(x, floor * 1.6, "0", ha="center", va="bottom", fontsize=8, weight="bold")
+                exact_drawn = True
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
     if architecture == "mlp":
@@ -370,7 +393,16 @@ def plot(summary: dict, out: Path) -> None:
         ticks = layer_names
     ax.set_xticks(range(len(layer_names)), ticks)
     ax.set_ylabel("mean L1 error per example")
-    ax.set_title(f"Layer-wise error, mean over initializations (bars at {floor:g}: exact)")
+    notes = []
+    if exact_drawn:
+        notes.append("'0': exact up to rounding, drawn at the axis floor")
+    if any("MC1" in lb for lb in labels):
+        notes.append("hatched: 1 Monte-Carlo sample, plain: 50")
+    ax.set_title(
+        f"Layer-wise error, {architecture} network, mean over initializations"
+        + ("\n(" + "; ".join(notes) + ")" if notes else ""),
+        fontsize=10,
+    )
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(out / "fig1b.png", dpi=130)
