@@ -491,3 +491,23 @@ def test_transformer_layers_have_an_exact_head(name, method):
     assert set(estimate) == set(exact)
     for v in estimate.values():
         assert torch.isfinite(v).all()
+
+
+class RMSNormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.head = nn.Linear(4, 6), nn.RMSNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.inp(x))))
+
+
+def test_rms_norm_layers_give_per_example_estimates():
+    torch.manual_seed(0)
+    model = RMSNormMLP().to(D)
+    x, y = torch.randn(4, 4, dtype=D), torch.randint(0, 3, (4,))
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    _, each = hesscale.diagonal(model, loss_fn, x, y, individual=True)
+    for i in range(len(x)):
+        _, single = hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1])
+        assert_close_dicts({k: v[i] for k, v in each.items()}, single)

@@ -451,3 +451,32 @@ def test_fused_attention_is_exact_given_a_diagonal_output_hessian(name, method):
         reference = exact_hessian_diagonal if method == "hesscale" else ggn_diagonal
         expected = reference(model, quadratic, x, target)
     assert_close_dicts(estimate, expected)
+
+
+class RMSNormed(nn.Module):
+    """``nn.RMSNorm`` (a layer rule) applied to a parameter."""
+
+    def __init__(self, shape, normalized, affine):
+        super().__init__()
+        self.x = nn.Parameter(torch.randn(shape, dtype=D))
+        self.norm = nn.RMSNorm(normalized, eps=1e-5, elementwise_affine=affine).to(D)
+        if affine:
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, _):
+        return self.norm(self.x)
+
+
+@pytest.mark.parametrize("normalized, affine", [((4,), True), ((3, 4), False)])
+def test_rms_norm_layer_is_exact_given_a_diagonal_output_hessian(normalized, affine):
+    torch.manual_seed(0)
+    model = RMSNormed((2, 3, 4), normalized, affine)
+    out = model(None)
+    target = (torch.rand(out.shape, dtype=D) + 0.1, torch.randn(out.shape, dtype=D))
+    x = torch.zeros(1, dtype=D)
+    _, estimate = hesscale.diagonal(model, quadratic, x, target)
+    assert_close_dicts(estimate, exact_hessian_diagonal(model, quadratic, x, target))
+    model.zero_grad()
+    _, gn = hesscale.diagonal(model, quadratic, x, target, method="hesscale_gn")
+    assert_close_dicts(gn, ggn_diagonal(model, quadratic, x, target))

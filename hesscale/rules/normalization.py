@@ -18,16 +18,17 @@ These rules are exact for the operation. In a network, a train-mode BatchNorm co
 examples of a batch, so the Hessian at its input has entries between examples that the
 diagonal drops, and the layer before it is estimated less accurately than in a network without
 it; a rule for that layer's weight that differentiates through the normalisation is the known
-fix (not implemented yet). ``F.rms_norm`` runs as element-wise operations whose fan-out drops
-cross terms.
+fix (not implemented yet). ``nn.RMSNorm`` has a layer rule (:func:`rms_norm_rule`);
+``F.rms_norm`` outside a module runs as element-wise operations whose fan-out drops cross
+terms.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ._registry import NodeContext, operation_rule, squared
+from ._registry import Backprop, LayerContext, NodeContext, operation_rule, register_rule, squared
 
 
 def normalization_input_curvature(
@@ -150,3 +151,46 @@ def batch_norm_rule(ctx: NodeContext):
         s_x = squared(scale) * ctx.s if ctx.needs[0] and ctx.s is not None else None
     s_gamma, s_beta = _affine_curvatures(ctx, x_hat, (x.shape[1],), dims)
     return s_x, s_gamma, s_beta
+
+
+def rms_norm_rule(ctx: LayerContext) -> Backprop:
+    """``nn.RMSNorm`` as one layer: ``y = γ x̂``, ``x̂ = x r``, ``r = (mean x² + ε)^(−1/2)`` over the
+    normalised dimensions (``M`` elements). With ``s̃ = γ² ŝ_y``, ``g̃ = γ g_y``,
+    ``S₂ = Σ x̂² s̃`` and ``b = mean(g̃ x̂)``:
+
+        ŝ_x = r² [s̃ (1 − 2x̂²/M) + x̂² S₂/M²] + [second_order] r² [−2g̃ x̂/M − b (1 − 3x̂²/M)],
+        ŝ_γ = Σ x̂² ŝ_y,
+
+    exact given a diagonal ``ŝ_y`` (``F.rms_norm`` outside a module runs as its element-wise
+    operations, whose fan-out drops cross terms)."""
+    module, x = ctx.module, ctx.input
+    k = len(module.normalized_shape)
+    dims = tuple(range(x.dim() - k, x.dim()))
+    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+    m = 1
+    for d in dims:
+        m *= x.shape[d]
+    r = torch.rsqrt((x * x).mean(dims, keepdim=True) + eps)
+    x_hat = x * r
+    gamma = module.weight
+    s, g = ctx.curvature_output, ctx.grad_output
+    params = {}
+    if gamma is not None and gamma.requires_grad:
+        shared = tuple(range(1 if ctx.individual else 0, x.dim() - k))  # per example: keep N
+        params["weight"] = (x_hat * x_hat * s).sum(shared) if shared else x_hat * x_hat * s
+    s_x = None
+    if ctx.need_input_curvature:
+        s_t = s if gamma is None else squared(gamma) * s
+        x_sq = x_hat * x_hat
+        s2 = (x_sq * s_t).sum(dims, keepdim=True)
+        s_x = s_t * (1 - 2 * x_sq / m) + x_sq * s2 / (m * m)
+        if ctx.second_order:
+            g_t = g if gamma is None else gamma * g
+            b = (g_t * x_hat).mean(dims, keepdim=True)
+            s_x = s_x - 2 * g_t * x_hat / m - b * (1 - 3 * x_sq / m)
+        s_x = s_x * (r * r)
+    return Backprop(s_x, params)
+
+
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    register_rule(nn.RMSNorm, rms_norm_rule)
