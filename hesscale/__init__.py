@@ -6,6 +6,9 @@ Public API:
     request(params, method)   ask following backward passes for estimates (used by optimizers)
     register_rule(type, rule) add a rule for a layer or autograd Function of your own
     register_estimate_hook(param, hook)   run hook(param) when a backward pass writes its estimate
+    importance(model, loss_fn, data, method=..., criterion=...)   pruning / EWC scores
+    prune(model, scores, sparsity, scope=...)   masks through torch.nn.utils.prune
+    ImportancePenalty(model, strength)   EWC-style λ Σ ω (θ − θ*)² for continual learning
     UnsupportedModuleError
 
 Optimizers (``hesscale.optim``): AdaHesScale, AdaHesScaleGN, AdaBL89, AdaGGNMC, AdaHessian,
@@ -24,7 +27,10 @@ from ._engine import (
 )
 from ._errors import UnsupportedModuleError
 from ._methods import METHODS
+from .consolidation import ImportancePenalty
+from .criteria import CRITERIA, importance
 from .estimators import ESTIMATORS, diagonal
+from .pruning import prune
 from .rules import (
     Backprop,
     LayerContext,
@@ -38,8 +44,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backprop",
+    "CRITERIA",
     "ESTIMATE_ATTRIBUTE",
     "ESTIMATORS",
+    "ImportancePenalty",
     "LayerContext",
     "METHODS",
     "NodeContext",
@@ -47,7 +55,9 @@ __all__ = [
     "diagonal",
     "estimate_id",
     "extend",
+    "importance",
     "is_extended",
+    "prune",
     "register_estimate_hook",
     "register_rule",
     "request",

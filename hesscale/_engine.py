@@ -645,6 +645,17 @@ def _monte_carlo(pass_: _Pass, forward: _Forward) -> None:
         _store_layer(pass_, call, estimates, pass_._layer_params(call))
 
 
+def _computed_weights(module: nn.Module) -> bool:
+    """Whether the module's ``weight`` or ``bias`` is computed in its forward rather than a
+    parameter: ``torch.nn.utils.prune`` (``weight_orig * weight_mask``), parametrizations,
+    weight normalisation. Such a call is seen through its operations, so the estimate
+    reaches the parameter the weight is computed from."""
+    return any(
+        isinstance(getattr(module, name, None), Tensor) and name not in module._parameters
+        for name in ("weight", "bias")
+    )
+
+
 class _ModelState:
     """What ``extend`` attaches to a model: its layer rules and the forward being recorded."""
 
@@ -740,6 +751,10 @@ class _ModelState:
         x = args[0]
         if output is x or not output.requires_grad or output.grad_fn is None:
             return  # J = I (Identity, eval-mode Dropout), or nothing to backpropagate
+        if _computed_weights(module):  # its operations run through their node rules
+            forward.open_spans.append(first)
+            self.on_exit(module, args, output)
+            return
         rule = self.layers[module]
         saved = rule.capture(module, x, output) if rule.capture is not None else None
         call = _LayerCall(

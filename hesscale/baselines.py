@@ -7,7 +7,15 @@
 * ``hutchinson``: AdaHessian's ``(1/k) Σ_m z_m ⊙ (H z_m)``, ``z`` Rademacher;
 * ``kfac_mc``: the diagonal of KFAC's ``A ⊗ B`` for Linear layers, ``A = (1/N) Σ_n x̄_n x̄_nᵀ``
   and ``B = (1/k) Σ_m Σ_n g_{nm} g_{nm}ᵀ`` with ``g = J_aᵀ v`` backpropagated MC factors;
-* ``grad_sq``: ``g ⊙ g``, the squared batch gradient (the empirical-Fisher diagonal of Adam).
+* ``grad_sq``: ``g ⊙ g``, the squared batch gradient (the empirical-Fisher diagonal of Adam);
+* ``empirical_fisher``: ``c Σ_n g_n ⊙ g_n``, the per-example gradients ``g_n`` of the loss at the
+  data's labels (EWC's and pruning papers' "empirical Fisher", not ``grad_sq``), ``c = 1/N``
+  for a mean reduction;
+* ``fisher``: the same at labels sampled from the model, ``Σ_n (J_nᵀ v_n)²`` with ``v`` the
+  sampled factors of :func:`sample_hessian_factor` (for CrossEntropyLoss ``√(1/N)(q − e_ŷ)``
+  is the gradient of the loss at the sampled label ``ŷ ~ q``), averaged over ``samples``.
+  It is GGN-MC's quantity, computed by ``torch.func`` outside the engine, so it runs on
+  models and parameter sharing that the engine's per-example rules refuse.
 
 Every function returns ``(loss, {name: estimate})`` and leaves the batch gradient in ``.grad``
 as ``loss.backward()`` would. The stochastic ones take ``samples`` and a ``torch.Generator``.
@@ -216,10 +224,76 @@ def grad_sq(
     return loss.detach(), {n: g * g for (n, _), g in zip(named, grads)}
 
 
+def _refuse_batch_coupling(model: nn.Module, name: str) -> None:
+    for path, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise UnsupportedModuleError(
+                f"{name} needs per-example gradients, but {type(module).__name__} "
+                f"'{path}' in train mode couples the examples of a batch: call model.eval() "
+                "first, or use method='hesscale' or 'hesscale_gn'"
+            )
+
+
+def _sum_of_squared_example_gradients(model, per_example_loss, *batched, memory=2**24):
+    """``Σ_n (∇_θ ℓ_n)²`` with ``ℓ_n = per_example_loss(params, *[b[n] for b in batched])``,
+    per-example gradients by ``vmap(grad)`` over chunks holding about ``memory`` numbers."""
+    params = _trainable(model)
+    per_example = vmap(
+        grad(per_example_loss), in_dims=(None,) + (0,) * len(batched), randomness="different"
+    )
+    chunk = max(1, min(1024, memory // max(1, sum(p.numel() for p in params.values()))))
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for start in range(0, len(batched[0]), chunk):
+        grads = per_example(params, *[b[start : start + chunk] for b in batched])
+        for n, g in grads.items():
+            total[n] += (g * g).sum(0)
+    return total
+
+
+def empirical_fisher(
+    model, loss_fn, inputs, target, samples=1, generator=None, individual=False, **loss_kwargs
+):
+    _batch_only("empirical_fisher", individual)
+    _refuse_batch_coupling(model, "empirical_fisher")
+    if loss_kwargs:
+        raise UnsupportedModuleError(
+            f"empirical_fisher takes no further loss arguments, got {sorted(loss_kwargs)}"
+        )
+    loss, _ = _backward(model, loss_fn, inputs, target, {})
+
+    def example_loss(params, x, y):  # the loss of a batch of one
+        return loss_fn(_call(model, params, x.unsqueeze(0)), y.unsqueeze(0))
+
+    total = _sum_of_squared_example_gradients(model, example_loss, inputs, target)
+    scale = 1.0 if getattr(loss_fn, "reduction", "mean") == "sum" else 1.0 / len(inputs)
+    return loss, {n: t * scale for n, t in total.items()}
+
+
+def fisher(
+    model, loss_fn, inputs, target, samples=1, generator=None, individual=False, **loss_kwargs
+):
+    _batch_only("fisher", individual)
+    _refuse_batch_coupling(model, "fisher")
+    _require_output_loss(loss_fn)
+    loss, out = _backward(model, loss_fn, inputs, target, loss_kwargs)
+    factors = sample_hessian_factor(loss_fn, out, target, samples, generator, **loss_kwargs)
+
+    def example_product(params, x, v):  # ⟨f(x_n), v_n⟩: its gradient is J_nᵀ v_n
+        return (_call(model, params, x.unsqueeze(0)) * v.unsqueeze(0)).sum()
+
+    # every (example, sample) pair is one "example": average the squares over the samples
+    pairs = factors.movedim(0, 1).flatten(0, 1)  # (N·k, *out.shape[1:])
+    repeated = inputs.repeat_interleave(samples, 0)
+    total = _sum_of_squared_example_gradients(model, example_product, repeated, pairs)
+    return loss, {n: t / samples for n, t in total.items()}
+
+
 BASELINES = {
     "exact": exact,
     "ggn": ggn,
     "hutchinson": hutchinson,
     "kfac_mc": kfac_mc,
     "grad_sq": grad_sq,
+    "empirical_fisher": empirical_fisher,
+    "fisher": fisher,
 }

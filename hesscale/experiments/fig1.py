@@ -38,7 +38,8 @@ from hesscale import UnsupportedModuleError
 from hesscale.baselines import hutchinson_from_probes, kfac_mc, rademacher_like
 from hesscale.reference import exact_hessian_diagonal, ggn_diagonal
 
-from .io import atomic_write_json, environment_record, progress, read_json
+from .._progress import progress
+from .io import atomic_write_json, environment_record, read_json
 from .networks import (
     GatedMLP,
     ResidualCNN,

@@ -24,7 +24,8 @@ from torch import nn
 import hesscale
 from hesscale.optim import OPTIMIZERS, CurvatureAdam
 
-from .io import atomic_write_json, environment_record, progress, read_json
+from .._progress import progress
+from .io import atomic_write_json, environment_record, read_json
 from .networks import fig2a_network, fig2b_network, parameter_count
 from .timing import interleaved_times
 

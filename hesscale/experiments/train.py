@@ -31,8 +31,9 @@ from torch import nn
 import hesscale
 from hesscale.optim import OPTIMIZERS, UpdateError
 
+from .._progress import progress
 from .data import Splits, deepobs_splits, load, prepare
-from .io import ResultFileError, atomic_write_json, environment_record, progress, read_json
+from .io import ResultFileError, atomic_write_json, environment_record, read_json
 from .problems import build_network, get_problem
 
 DIVERGENCE_THRESHOLD = 1e10
