@@ -7,6 +7,7 @@ hesscale reproduce fig2 [--out DIR] [--full] [--batch-size B] [--loss mse|ce]
                         [--include-forward] [--rounds R] [--device cpu|cuda]
 hesscale train --problem P --optimizer O --lr LR [...]   one run on a DeepOBS problem
 hesscale tune --problem P [--optimizers ...] [--budget default|paper|tiny]
+hesscale importance oracle|pruning|continual|all [--out DIR] [...]   Section 7's uses
 """
 
 from __future__ import annotations
@@ -99,6 +100,54 @@ def _tune(args) -> None:
         f"written: {summary['directory']}/summary.json, curves_epochs.png, "
         "curves_time.png, sensitivity.png"
     )
+
+
+def _importance(args) -> None:
+    from .experiments import continual, oracle, pruning_study
+
+    data = {"data_dir": args.data_dir, "download": args.download}
+    base = args.out or "results"
+    networks = args.networks_dir or f"{base}/networks"
+    if args.study in ("oracle", "all"):
+        summary = oracle.run(
+            f"{base}/oracle",
+            seeds=args.seeds,
+            weights=args.weights,
+            examples=args.examples,
+            networks_dir=networks,
+            **data,
+        )
+        print(
+            "\nOracle agreement: Spearman ρ of each score with the true effect of removing a "
+            "weight (mean ± s.e.)"
+        )
+        print(oracle.table(summary))
+        print(f"written: {base}/oracle/oracle.json, oracle.png")
+    if args.study in ("pruning", "all"):
+        summary = pruning_study.run(
+            f"{base}/pruning",
+            score_batches=args.score_batches,
+            finetune_steps=args.finetune_steps,
+            networks_dir=networks,
+            **data,
+        )
+        print(
+            "\nOne-shot global pruning: test accuracy after pruning → after fine-tuning "
+            "(score s: seconds to compute the scores)"
+        )
+        print(pruning_study.table(summary))
+        print(f"written: {base}/pruning/pruning.json, pruning.png")
+    if args.study in ("continual", "all"):
+        summary = continual.run(
+            f"{base}/continual",
+            tasks=args.tasks,
+            steps_per_task=args.steps_per_task,
+            seeds=args.cl_seeds,
+            **data,
+        )
+        print("\nPermuted Fashion-MNIST: mean test accuracy over all tasks after the last one")
+        print(continual.table(summary))
+        print(f"written: {base}/continual/continual.json, continual.png")
 
 
 class _DefaultsShown(argparse.HelpFormatter):
@@ -223,6 +272,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="ε of every adaptive optimizer (default: 1e-8); kept in <out>/<problem>_eps<ε>",
     )
     _data_arguments(tune)
+
+    study = commands.add_parser(
+        "importance",
+        help="Section 7: importance scores against an oracle, pruning, continual learning",
+        description="Fashion-MNIST studies of Hessian-diagonal importance: how well each score "
+        "ranks the true loss change of removing a weight (oracle), one-shot pruning at 50-98% "
+        "sparsity (pruning), EWC-style penalties on permuted Fashion-MNIST (continual).",
+        formatter_class=defaults,
+    )
+    study.add_argument(
+        "study",
+        nargs="?",
+        choices=["oracle", "pruning", "continual", "all"],
+        default="all",
+        help="the study to run (default: all three, about an hour on 2 CPU cores)",
+    )
+    study.add_argument("--out", default=None, help="parent folder (default results)")
+    study.add_argument(
+        "--networks-dir", default=None, help="trained networks (default OUT/networks)"
+    )
+    group = study.add_argument_group("oracle")
+    group.add_argument("--seeds", type=int, default=3, help="trained networks per architecture")
+    group.add_argument("--weights", type=int, default=1000, help="weights removed one by one")
+    group.add_argument("--examples", type=int, default=500, help="evaluation batch size")
+    group = study.add_argument_group("pruning")
+    group.add_argument("--score-batches", type=int, default=20, help="batches of 128 scored")
+    group.add_argument("--finetune-steps", type=int, default=200, help="Adam steps after pruning")
+    group = study.add_argument_group("continual")
+    group.add_argument("--tasks", type=int, default=5, help="permuted tasks")
+    group.add_argument("--steps-per-task", type=int, default=400, help="Adam steps per task")
+    group.add_argument("--cl-seeds", type=int, default=1, help="seeds of every configuration")
+    study.add_argument(
+        "--data-dir",
+        default=None,
+        help="data directory (default $HESSCALE_DATA or ~/.cache/hesscale/data)",
+    )
+    study.add_argument(
+        "--download", action="store_true", help="download missing data files (checksums verified)"
+    )
     return parser
 
 
@@ -232,6 +320,8 @@ def main(argv=None) -> None:
         return _train(args)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "importance":
+        return _importance(args)
     if args.command == "reproduce":
         for figure, run in (("fig1", _fig1), ("fig2", _fig2)):
             if args.figure in (figure, "all"):

@@ -358,6 +358,31 @@ def test_penalty_adds_its_exact_curvature_to_the_estimates(method):
     assert_close_dicts(with_penalty, {n: plain[n] + 5.0 * omega[n] for n in plain})
 
 
+def test_a_strong_penalty_holds_the_weights_where_they_were_consolidated():
+    """EWC's mechanism in a training loop: Adam on a new task moves the weights far less."""
+    loss_fn = nn.CrossEntropyLoss()
+    ((x, y),) = _batches([32], seed=7)
+    drift = {}
+    for strength in (0.0, 1e4):
+        model = _mlp()
+        penalty = hesscale.ImportancePenalty(model, strength)
+        penalty.consolidate(
+            hesscale.importance(
+                model, loss_fn, [(x, y)], "hesscale_gn", "curvature", progress=False
+            )
+        )
+        anchors = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(30):
+            opt.zero_grad()
+            (loss_fn(model(x), (y + 1) % 3) + penalty()).backward()  # a new task
+            opt.step()
+        drift[strength] = sum(
+            float((p.detach() - a).norm()) for p, a in zip(model.parameters(), anchors)
+        )
+    assert drift[1e4] < drift[0.0] / 5, drift
+
+
 def test_penalty_state_dict_round_trips_through_torch_save():
     model = _mlp()
     penalty = hesscale.ImportancePenalty(model, strength=2.0, decay=0.9)

@@ -216,8 +216,12 @@ def train(
     download: bool = False,
     device: str = "cpu",
     show_progress: bool = True,
+    save_model: bool = False,
 ) -> dict:
-    """Run (or resume, or reuse) one configuration; returns its record (also in ``out``)."""
+    """Run (or resume, or reuse) one configuration; returns its record (also in ``out``).
+
+    ``save_model`` keeps the trained weights, ``model.state_dict()``, in ``<name>.model.pt``
+    next to the record (:func:`trained_model` reads them back)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result_path, ckpt_path = out / f"{config.name()}.json", out / f"{config.name()}.ckpt"
@@ -327,7 +331,28 @@ def train(
         "environment": environment_record(),
     }
     if ranks.lead:
+        if save_model:
+            _atomic_torch_save(model.state_dict(), out / f"{config.name()}.model.pt")
         atomic_write_json(result_path, record)
         ckpt_path.unlink(missing_ok=True)
     ranks.barrier()
     return read_json(result_path, "run record")
+
+
+def trained_model(config: RunConfig, out: str | Path, splits: Splits | None = None, **kwargs):
+    """The network of ``config`` after training (trained now, or read from ``out``), and its
+    record. ``kwargs`` go to :func:`train`."""
+    out = Path(out)
+    record = train(config, out, splits, save_model=True, **kwargs)
+    path = out / f"{config.name()}.model.pt"
+    if record["status"] != "finished" or not path.exists():
+        raise ResultFileError(
+            f"{out / config.name()}.json records a {record['status']} run without saved "
+            "weights: delete it to train the network again"
+        )
+    model = build_network(get_problem(config.problem), config.padding)
+    try:
+        model.load_state_dict(torch.load(path, weights_only=True))
+    except Exception as error:
+        raise ResultFileError(f"{path} is not a network of {config.problem}: {error}") from None
+    return model, record
