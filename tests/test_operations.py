@@ -424,6 +424,8 @@ ATTENTION = {
     "scale": {"scale": 0.7},
     "bool-mask": {"attn_mask": torch.tensor([[True, False, True, True, False, True]] * 5)},
     "additive-mask": {"attn_mask": torch.linspace(-1.0, 1.0, 30, dtype=D).view(5, 6)},
+    "grouped-query": {"enable_gqa": True},  # 3 query heads share 1 key/value head
+    "grouped-query-causal": {"enable_gqa": True, "is_causal": True},
 }
 
 
@@ -435,11 +437,12 @@ def test_fused_attention_is_exact_given_a_diagonal_output_hessian(name, method):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kwargs = ATTENTION[name]
-    keys = 5 if name == "causal" else 6
+    keys = 5 if "causal" in name else 6
+    heads = 1 if kwargs.get("enable_gqa") else 3
     torch.manual_seed(0)
     model = Operation(
         lambda p: F.scaled_dot_product_attention(p["q"], p["k"], p["v"], **kwargs),
-        {"q": (2, 3, 5, 4), "k": (2, 3, keys, 4), "v": (2, 3, keys, 4)},
+        {"q": (2, 3, 5, 4), "k": (2, heads, keys, 4), "v": (2, heads, keys, 4)},
     )
     out = model(None)
     target = (torch.rand(out.shape, dtype=D) + 0.1, torch.randn(out.shape, dtype=D))

@@ -16,7 +16,11 @@ diagonal ``ŝ``, and so is the V rule. ``O_t`` depends on all of ``Q_t``, so the
 the ``d_v × d`` Jacobian of each query: ``T_q T_k d_v d`` multiply-adds per head, more than the
 attention itself (``2 T_q T_k d``); it keeps the cancellation that the softmax's shift
 invariance gives (chaining the product and softmax rules loses it). Masks (boolean or additive),
-``is_causal`` and ``scale`` are read from the node; dropout is refused.
+``is_causal`` and ``scale`` are read from the node; dropout is refused. Grouped-query attention
+(``enable_gqa``: ``H_kv`` key/value heads, each shared by ``H / H_kv`` query heads as
+``repeat_interleave`` shares them) runs the rule on the shared heads and sums each group's
+curvature, the rule of a tensor used several times; the outputs of different heads are
+different elements, so K and V stay exact given a diagonal ``ŝ``.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ def attention_rule(ctx: NodeContext):
     if float(ctx.saved("dropout_p")) != 0.0:
         raise NotImplementedError("attention with dropout_p > 0 (use dropout_p=0)")
     q, k, v, o = (ctx.saved(n) for n in ("query", "key", "value", "output"))
-    if k.shape[-3] != q.shape[-3]:
-        raise NotImplementedError("grouped-query attention (fewer key/value heads)")
+    group = q.shape[-3] // k.shape[-3] if q.dim() >= 3 else 1
+    if group > 1:  # grouped-query attention: query head h reads key/value head h // group
+        k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
     scale = ctx.saved("scale")
     c = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     mask = ctx.saved("attn_mask")
@@ -86,4 +91,6 @@ def attention_rule(ctx: NodeContext):
             )
             term = (c * c) * centred
             s_q = term if s_q is None else s_q + term
+    if group > 1:
+        s_k, s_v = (None if t is None else t.unflatten(-3, (-1, group)).sum(-3) for t in (s_k, s_v))
     return (s_q, s_k, s_v) + (None,) * (len(ctx.needs) - 3)
