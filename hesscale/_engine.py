@@ -7,10 +7,12 @@ the model's parameters (by an optimizer through :func:`request`, or by :func:`di
 extended model trained with plain Adam pays a few Python calls per forward.
 
 When an estimate is requested, a forward pass of the model is recorded as a :class:`_Forward`:
-each output is returned as a :class:`_Traced` tensor (``as_subclass``, which adds an identity
-``AliasBackward0`` node that marks the network output in the graph), and each call of a module
-with a *layer rule* (Linear, convolutions, a user's registered layer) is tagged on the autograd
-node that produced its output. Nothing else is recorded: whatever the forward computes, with any
+each output is returned as a :class:`_Traced` tensor through :class:`_Mark`, an identity
+autograd Function whose node marks the network output in the graph. Its output shares the
+storage and version counter of the network's output without being a view, so in-place changes
+of it (``transformers.Trainer``'s ``loss *= k``) keep the mark. Each call of a module with a
+*layer rule* (Linear, convolutions, a user's registered layer) is tagged on the autograd node
+that produced its output. Nothing else is recorded: whatever the forward computes, with any
 Python control flow, is in autograd's graph.
 
 Operations on a ``_Traced`` tensor return ``_Traced`` tensors, so the value that the user
@@ -69,7 +71,7 @@ from ._ggn_mc import sampled_ggn_diagonals
 from ._methods import METHODS, Method, get_method
 from .baselines import sample_hessian_factor
 from .rules import NodeContext, layer_rule_for, node_rule_for
-from .rules._registry import Backprop, LayerContext, Rule, supported_operations
+from .rules._registry import Backprop, LayerContext, Rule, register_rule, supported_operations
 from .rules.losses import bind_loss_arguments, check_loss, is_loss
 
 _STATE = "_hesscale_state"
@@ -78,7 +80,7 @@ _REQUEST = "_hesscale_request"
 _ESTIMATE_ID = "_hess_diag_id"
 _LOSS_FACTOR = "_hess_diag_loss_factor"
 _ESTIMATE_HOOKS = "_hess_diag_hooks"
-_OUTPUT_TAG = "hesscale.output"  # node metadata: the _Forward whose output this alias marks
+_OUTPUT_TAG = "hesscale.output"  # node metadata: the _Forward whose output this _Mark marks
 _LAYER_TAG = "hesscale.layer"  # node metadata: {output_nr: _LayerCall} of layer calls
 ESTIMATE_ATTRIBUTE = "hess_diag"
 
@@ -782,7 +784,10 @@ class _ModelState:
         if forward.method.monte_carlo:
             if not isinstance(output, Tensor):
                 raise UnsupportedModuleError(
-                    f"GGN-MC needs {self.root_name} to return one tensor (the network output)"
+                    f"GGN-MC needs {self.root_name} to return one tensor (the network output), "
+                    f"got a {type(output).__name__}: wrap the model in a module that returns "
+                    "the logits and give the loss module to hesscale.extend, or use "
+                    "method='hesscale_gn' (deterministic Gauss-Newton, any output)"
                 )
             forward.live_output = output
         return _trace(output, forward)
@@ -793,6 +798,23 @@ class _ModelState:
             forward.spans.append((first, torch._C._autograd._get_sequence_nr(), "<root>"))
 
 
+class _Mark(torch.autograd.Function):
+    """``y = x`` as a ``_Traced`` tensor that shares ``x``'s storage and version counter but is
+    not a view of it (``as_subclass`` would make one, and an in-place change of a view
+    replaces its node: the mark would be lost). Its node is the network-output marker."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.Tensor._make_subclass(_Traced, x, x.requires_grad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+register_rule(_Mark, lambda ctx: (ctx.curvature_outputs[0],))  # J = I
+
+
 def _trace(output, forward: _Forward):
     """The forward's output(s) as ``_Traced`` tensors marked in the graph; containers (tuples,
     lists, dicts and Hugging Face ``ModelOutput``s) are traced element by element."""
@@ -800,7 +822,7 @@ def _trace(output, forward: _Forward):
         if not output.requires_grad or isinstance(output, _Traced):
             return output
         with torch._C.DisableTorchFunctionSubclass():
-            traced = output.as_subclass(_Traced)
+            traced = _Mark.apply(output)
         traced.grad_fn.metadata[_OUTPUT_TAG] = forward
         return traced
     if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple

@@ -309,6 +309,43 @@ def test_a_scaled_loss_scales_the_estimate():
     assert_close_dicts(scaled, {k: 8.0 * v for k, v in plain.items()})
 
 
+class WithLoss(nn.Module):
+    """A model that computes its loss inside, as Hugging Face models do with ``labels=``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Gated()
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.net(x), y)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_in_place_changes_of_a_returned_loss_keep_it_marked(method):
+    """``loss *= 8`` on a loss returned by the model (``transformers.Trainer`` does that) gives
+    the estimates of ``8 * loss``; changing a layer's output in place is refused by name."""
+    model, loss_fn, x, y = _classification(Gated())
+    inside = WithLoss().to(D)
+    inside.net.load_state_dict(model.state_dict())
+
+    def scaled_in_place(m):
+        loss = m(x, y)
+        loss *= 8.0
+        return loss
+
+    scaled = _estimate_of(inside, scaled_in_place, method)
+    plain = _estimate_of(model, lambda m: loss_fn(m(x), y), method)
+    assert_close_dicts(scaled, {f"net.{k}": 8.0 * v for k, v in plain.items()})
+
+    def doubled_in_place(m):
+        out = m(x)
+        out *= 2
+        return loss_fn(out, y)
+
+    with pytest.raises(RuntimeError, match="output of module 'w3' was modified in place"):
+        _estimate_of(model, doubled_in_place, method)
+
+
 @pytest.mark.parametrize("name", ["residual-post", "gated-swiglu", "residual-cnn"])
 def test_individual_estimates_on_graphs_are_the_single_example_estimates(name):
     model, loss_fn, x, y = NETWORKS[name]()

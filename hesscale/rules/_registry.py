@@ -202,7 +202,8 @@ def supported_types() -> list[str]:
 
 def supported_operations() -> list[str]:
     """Names of the autograd operations with a rule (custom Functions by class name)."""
-    return sorted(k if isinstance(k, str) else k.__name__ for k in _NODE_RULES)
+    names = (k if isinstance(k, str) else k.__name__ for k in _NODE_RULES)
+    return sorted(n for n in names if not n.startswith("_"))  # not the engine's own marker
 
 
 def layer_rule_for(module: nn.Module, path: str) -> Rule | None:
