@@ -14,3 +14,7 @@ python benchmarks/step_cost.py --device cuda --rounds 20 --problems fmnist_2c2d 
   | tee "$out/step_cost.log"
 python -m hesscale.cli reproduce fig2 --device cuda --out "$out/fig2" --rounds 30 2>&1 \
   | tail -20 | tee "$out/fig2.log"
+if python -c "import transformers" 2>/dev/null; then
+  python benchmarks/hf_cost.py --device cuda --context 512 --batch 8 --rounds 10 2>&1 \
+    | tee "$out/hf_cost.log"
+fi
