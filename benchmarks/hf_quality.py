@@ -12,6 +12,10 @@ import argparse
 from hesscale.experiments import huggingface as hf
 
 
+def _short(refused: dict) -> str:
+    return "; ".join(f"{k}: {v.split('. ')[0]}" for k, v in refused.items()) or "none"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attention", choices=hf.ATTENTION, default="sdpa")

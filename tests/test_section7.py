@@ -9,23 +9,16 @@ from torch import nn
 
 import hesscale
 from hesscale.experiments import continual, oracle, pruning_study, section7
-from hesscale.experiments.data import Splits
 from hesscale.experiments.io import ResultFileError
 from hesscale.experiments.train import RunConfig, trained_model
 from hesscale.pruning import sparsity_of
 from hesscale.reference import exact_hessian_diagonal
 
+from .test_training import _splits as training_splits
 
-def _splits(n=256, seed=0):
-    gen = torch.Generator().manual_seed(seed)
 
-    def part(k):
-        return (
-            torch.randint(0, 256, (k, 1, 28, 28), generator=gen, dtype=torch.uint8),
-            torch.randint(0, 10, (k,), generator=gen),
-        )
-
-    return Splits(train=part(n), train_eval=part(32), valid=part(32), test=part(64), augment=False)
+def _splits(n=256):
+    return training_splits(n)
 
 
 def test_spearman_with_ties_and_ranks():

@@ -23,7 +23,7 @@ import hesscale
 from hesscale.optim import AdaHesScale, AdaHesScaleGN, UpdateError
 
 from .._progress import progress
-from .huggingface import _transformers
+from .huggingface import _transformers, tiny_model
 from .io import atomic_write_json, environment_record, read_json
 from .text import CharCorpus, read_plays
 
@@ -37,38 +37,13 @@ MODELS = ("gpt2", "llama")
 
 
 def char_model(name: str, vocabulary: int, width: int, layers: int, context: int):
-    """A character-level GPT-2 or Llama (Llama with grouped-query attention)."""
-    t = _transformers()
-    heads = max(1, width // 16)
-    if name == "gpt2":
-        config = t.GPT2Config(
-            n_layer=layers,
-            n_embd=width,
-            n_head=heads,
-            vocab_size=vocabulary,
-            n_positions=context,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        return t.GPT2LMHeadModel(config)
-    if name == "llama":
-        config = t.LlamaConfig(
-            num_hidden_layers=layers,
-            hidden_size=width,
-            intermediate_size=4 * width,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-            vocab_size=vocabulary,
-            max_position_embeddings=context,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-        return t.LlamaForCausalLM(config)
-    raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
+    """A character-level GPT-2 (tied embeddings, as GPT-2 has them) or Llama (grouped-query
+    attention)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")
+    return tiny_model(
+        name, "sdpa", layers, tied=True, width=width, vocabulary=vocabulary, context=context
+    )
 
 
 def _step_timer(transformers):

@@ -41,22 +41,33 @@ def _transformers():
     return transformers
 
 
-def tiny_model(name: str, attention: str = "sdpa", layers: int = 2, tied: bool = False):
-    """A 1–2k-parameter model of family ``name`` (:data:`MODELS`), dropout 0, in train mode.
+def tiny_model(
+    name: str,
+    attention: str = "sdpa",
+    layers: int = 2,
+    tied: bool = False,
+    width: int = 8,
+    vocabulary: int = VOCAB,
+    context: int = 16,
+):
+    """A model of family ``name`` (:data:`MODELS`) with random weights, dropout 0, in train
+    mode: by default 1–2k parameters (``layers`` blocks of width 8, ``max(2, width // 16)``
+    heads, MLPs of width ``2·width``).
 
-    ``tied``: GPT-2 with its input and output embeddings tied (GPT-2's default); the others
-    follow their configurations' defaults (Llama untied, with grouped-query attention: 2 query
-    heads share 1 key/value head).
+    ``tied``: GPT-2 with its input and output embeddings tied (GPT-2's default); Llama has
+    grouped-query attention (half as many key/value heads as query heads).
     """
     t = _transformers()
+    heads = max(2, width // 16)
     common = {"attn_implementation": attention}
     if name == "gpt2":
         config = t.GPT2Config(
             n_layer=layers,
-            n_embd=8,
-            n_head=2,
-            vocab_size=VOCAB,
-            n_positions=16,
+            n_embd=width,
+            n_head=heads,
+            n_inner=2 * width,
+            vocab_size=vocabulary,
+            n_positions=context,
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
@@ -69,12 +80,12 @@ def tiny_model(name: str, attention: str = "sdpa", layers: int = 2, tied: bool =
     elif name == "llama":
         config = t.LlamaConfig(
             num_hidden_layers=layers,
-            hidden_size=8,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=VOCAB,
-            max_position_embeddings=16,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
+            vocab_size=vocabulary,
+            max_position_embeddings=context,
             bos_token_id=0,
             eos_token_id=0,
             pad_token_id=0,
@@ -84,11 +95,11 @@ def tiny_model(name: str, attention: str = "sdpa", layers: int = 2, tied: bool =
     elif name == "bert":
         config = t.BertConfig(
             num_hidden_layers=layers,
-            hidden_size=8,
-            intermediate_size=16,
-            num_attention_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=16,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=heads,
+            vocab_size=vocabulary,
+            max_position_embeddings=context,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
             num_labels=3,
@@ -99,9 +110,9 @@ def tiny_model(name: str, attention: str = "sdpa", layers: int = 2, tied: bool =
     elif name == "vit":
         config = t.ViTConfig(
             num_hidden_layers=layers,
-            hidden_size=8,
-            intermediate_size=16,
-            num_attention_heads=2,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=heads,
             image_size=8,
             patch_size=4,
             num_channels=3,

@@ -93,13 +93,16 @@ def exact_diagonal_at(model, loss_fn, x, y, picks, chunk: int = 8) -> torch.Tens
         return jvp(grad(loss), (params,), (tangent,))[1]
 
     values = []
+    bar = progress(total=len(picks), desc="oracle: exact H_ii at the weights", unit="weight")
     for start in range(0, len(picks), chunk):
+        bar.update(min(chunk, len(picks) - start))
         part = picks[start : start + chunk]
         tangents = {n: torch.zeros(len(part), *p.shape, dtype=p.dtype) for n, p in params.items()}
         for k, (name, index) in enumerate(part):
             tangents[name][k].view(-1)[index] = 1.0
         columns = vmap(column)(tangents)
         values += [float(columns[name][k].view(-1)[index]) for k, (name, index) in enumerate(part)]
+    bar.close()
     return torch.tensor(values, dtype=torch.float64)
 
 
