@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = study.add_argument_group("oracle")
     group.add_argument("--seeds", type=int, default=3, help="trained networks per architecture")
     group.add_argument("--weights", type=int, default=1000, help="weights removed one by one")
-    group.add_argument("--examples", type=int, default=500, help="evaluation batch size")
+    group.add_argument("--examples", type=int, default=250, help="evaluation batch size")
     group = study.add_argument_group("pruning")
     group.add_argument("--score-batches", type=int, default=20, help="batches of 128 scored")
     group.add_argument("--finetune-steps", type=int, default=200, help="Adam steps after pruning")
