@@ -240,3 +240,17 @@ def test_shakespeare_training_through_the_trainer_writes_and_reuses_results(tmp_
     assert "llama/AdaHesScaleGN" in hf_training.table(summary)
     monkeypatch.setattr(hf_training, "run_one", lambda *a, **k: pytest.fail("recomputed"))
     assert hf_training.run(tmp_path / "out", **kwargs)["runs"].keys() == summary["runs"].keys()
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_tuple_and_dict_outputs_are_traced(as_dict):
+    """``return_dict=False`` gives a tuple; a ModelOutput is also a dict: both carry the loss."""
+    torch.manual_seed(0)
+    model = hesscale.extend(hf.tiny_model("gpt2").double())
+    x, _ = hf.batch("gpt2", torch.Generator().manual_seed(0))
+    hesscale.request(list(model.parameters()), "hesscale")
+    out = model(x, labels=x, return_dict=as_dict)
+    loss = out["loss"] if as_dict else out[0]
+    loss.backward()
+    assert all(torch.isfinite(p.hess_diag).all() for p in model.parameters())
+    hesscale.request(list(model.parameters()), None)
