@@ -52,8 +52,8 @@ def fine_tune(model, data, steps: int, seed: int, lr: float = 1e-4) -> None:
 def run(
     out: str | Path = "results/pruning",
     sparsities=SPARSITIES,
-    score_batches: int = 20,
-    finetune_steps: int = 200,
+    score_batches: int = 10,
+    finetune_steps: int = 100,
     networks=NETWORKS,
     seed: int = 0,
     splits=None,
