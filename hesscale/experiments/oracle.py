@@ -219,7 +219,15 @@ def plot(summary: dict, out: Path) -> None:
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_title(ORACLE_TITLES[oracle], fontsize=9)
     axes[0].set_ylabel("Spearman ρ with the oracle")
-    axes[0].legend(title="network (1 epoch of Adam)", fontsize=8)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles,
+        names,
+        title="network (1 epoch of Adam)",
+        fontsize=8,
+        ncol=len(problems),
+        loc="lower center",
+    )
     config = summary["config"]
     fig.suptitle(
         "Which score ranks weights like the true effect of removing them? "
@@ -227,6 +235,6 @@ def plot(summary: dict, out: Path) -> None:
         f"mean ± s.e. over {config['seeds']} trained networks",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out / "oracle.png", dpi=150)
     plt.close(fig)
