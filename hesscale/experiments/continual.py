@@ -35,7 +35,7 @@ METHODS: list[tuple[str, str | None]] = [
     ("EWC · HesScale", "hesscale"),
     ("EWC · HesScaleGN", "hesscale_gn"),
 ]
-STRENGTHS = (1e3, 1e4, 1e5, 1e6)  # ω is the curvature of a mean loss: λ of the order of N
+STRENGTHS = (1e1, 1e2, 1e3, 1e4, 1e5)  # ω is the curvature of a mean loss: λ up to about N
 
 
 def _index(method: str) -> int:
