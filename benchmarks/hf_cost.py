@@ -2,8 +2,8 @@
 side by side in one run, rounds interleaved:
 
 * the estimate (forward + backward with HesScale requested) over a plain forward + backward;
-* an AdaHesScale / AdaHesScaleGN training step over an AdamW step (zero_grad, forward of the
-  model's own loss, backward, update).
+* an AdaHesScale / AdaHesScaleGN training step (with the step-size scaling ``delta=0.5``) over
+  an AdamW step (zero_grad, forward of the model's own loss, backward, update).
 
     python benchmarks/hf_cost.py [--context 128] [--batch 2] [--rounds 5] [--device cuda]
     python benchmarks/hf_cost.py --config tiny     # a 2-layer width-64 model, a quick check
@@ -72,8 +72,10 @@ def main() -> None:
 
     optimizers = {
         "AdamW": torch.optim.AdamW(params, lr=1e-4),
-        "AdaHesScale": AdaHesScale(params, lr=1e-4),
-        "AdaHesScaleGN": AdaHesScaleGN(params, lr=1e-4),
+        # with the step-size scaling: plain AdaHesScale at lr 1e-4 steps rare tokens' embeddings
+        # by lr·g/eps (their curvature is ~1e-9) and blows the weights up within a few steps
+        "AdaHesScale": AdaHesScale(params, lr=1e-4, delta=0.5),
+        "AdaHesScaleGN": AdaHesScaleGN(params, lr=1e-4, delta=0.5),
     }
 
     def step(name):
