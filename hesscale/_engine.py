@@ -71,7 +71,14 @@ from ._ggn_mc import sampled_ggn_diagonals
 from ._methods import METHODS, Method, get_method
 from .baselines import sample_hessian_factor
 from .rules import NodeContext, layer_rule_for, node_rule_for
-from .rules._registry import Backprop, LayerContext, Rule, register_rule, supported_operations
+from .rules._registry import (
+    Backprop,
+    LayerContext,
+    Rule,
+    Settings,
+    register_rule,
+    supported_operations,
+)
 from .rules.losses import bind_loss_arguments, check_loss, is_loss
 
 _STATE = "_hesscale_state"
@@ -262,6 +269,7 @@ class _Pass:
         self.forwards = forwards
         first = forwards[0]
         self.method, self.options, self.dtype = first.method, first.options, first.dtype
+        self.settings = first.state.settings
         self.info: dict[object, _NodeInfo] = {}
         self.curvature: dict[object, list] = {}
         self.uses: dict[Tensor, int] = {}
@@ -317,6 +325,12 @@ class _Pass:
             raise ValueError(
                 f"one backward pass computes one estimate, but its forward passes request "
                 f"{sorted(methods)}"
+            )
+        settings = {f.state.settings for f in forwards.values()}
+        if len(settings) > 1:
+            raise ValueError(
+                "one backward pass runs one variant of each rule, but the models of its "
+                f"forward passes were extended with different settings {sorted(map(str, settings))}"
             )
         pass_ = cls(list(forwards.values()))
         pass_.info = info
@@ -548,6 +562,7 @@ def _apply(pass_: _Pass, node, grads) -> None:
         second_order=pass_.method.second_order_term or not info.network,
         method=pass_.method,
         dtype=dtype,
+        settings=pass_.settings,
     )
     try:
         results = info.rule(ctx)
@@ -677,6 +692,7 @@ class _ModelState:
         self.params = [p for p in model.parameters()]
         self.param_set = set(self.params)
         self.workspaces: dict[nn.Module, dict] = {}
+        self.settings = Settings()
         self.forced: Method | None = None
         self.options = _Options()
         self.current: _Forward | None = None
@@ -863,7 +879,7 @@ def _set_loss_factor(forwards: list[_Forward], grad: Tensor) -> None:
         forward.loss_factor = _plain(grad.detach())
 
 
-def extend(module: nn.Module) -> nn.Module:
+def extend(module: nn.Module, *, attention: str | None = None) -> nn.Module:
     """Prepare a model (or a loss, for GGN-MC) for HesScale estimates; returns it; idempotent.
 
     A model's ``forward`` may be any Python code over operations with a rule; the operations are
@@ -871,19 +887,32 @@ def extend(module: nn.Module) -> nn.Module:
     the GradScaler path that unscales estimates after ``scaler.unscale_``); it must be one of
     the supported losses with ``reduction='mean'`` or ``'sum'``.
 
+    Args:
+        module: the model or the loss.
+        attention: the query rule of attention, ``"centred"`` (the default: the cost of
+            attention itself) or ``"exact"`` (exact given a diagonal Hessian at the attention
+            output, ``d_v/2`` times attention's cost); see :mod:`hesscale.rules.attention`.
+            None keeps the model's current setting. Extending again with another value changes
+            it.
+
     Raises:
         UnsupportedModuleError: naming the offending module's path and type and saying what is
             supported.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"extend expects an nn.Module, got {type(module).__name__}")
+    settings = None if attention is None else Settings(attention=attention)
     if is_loss(module):
+        if settings is not None:
+            raise TypeError("attention= is a setting of a model's rules, not of a loss")
         check_loss(module)
         if not hasattr(module, _LOSS_STATE):
             setattr(module, _LOSS_STATE, True)
             module.register_forward_hook(_on_loss, with_kwargs=True)
         return module
     if hasattr(module, _STATE):
+        if settings is not None:
+            getattr(module, _STATE).settings = settings
         return module
     if type(module).__name__ == "OptimizedModule" or hasattr(module, "_orig_mod"):
         raise UnsupportedModuleError(
@@ -891,6 +920,8 @@ def extend(module: nn.Module) -> nn.Module:
             "record the forward pass. Extend and train the uncompiled model."
         )
     state = _ModelState(module)
+    if settings is not None:
+        state.settings = settings
     module.register_forward_pre_hook(state.on_root_start)
     for sub in state.paths:
         if sub is module:

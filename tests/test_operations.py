@@ -429,13 +429,7 @@ ATTENTION = {
 }
 
 
-@pytest.mark.parametrize("name", ATTENTION)
-@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn"])
-def test_fused_attention_is_exact_given_a_diagonal_output_hessian(name, method):
-    """PyTorch's fused CPU attention kernel as one operation (the reference runs the math
-    kernel, which torch.func can differentiate twice)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def _attention_model(name):
     kwargs = ATTENTION[name]
     keys = 5 if "causal" in name else 6
     heads = 1 if kwargs.get("enable_gqa") else 3
@@ -446,14 +440,89 @@ def test_fused_attention_is_exact_given_a_diagonal_output_hessian(name, method):
     )
     out = model(None)
     target = (torch.rand(out.shape, dtype=D) + 0.1, torch.randn(out.shape, dtype=D))
-    x = torch.zeros(1, dtype=D)
+    return model, target, kwargs
+
+
+def _fused_estimate(model, target, method, rule):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hesscale.extend(model, attention=rule)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         assert type(model(None).grad_fn).__name__.startswith("ScaledDotProductFlash")
-        _, estimate = hesscale.diagonal(model, quadratic, x, target, method=method)
+        return hesscale.diagonal(model, quadratic, torch.zeros(1, dtype=D), target, method=method)[
+            1
+        ]
+
+
+def _math_reference(fn, model, target):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     with sdpa_kernel(SDPBackend.MATH):
-        reference = exact_hessian_diagonal if method == "hesscale" else ggn_diagonal
-        expected = reference(model, quadratic, x, target)
-    assert_close_dicts(estimate, expected)
+        return fn(model, quadratic, torch.zeros(1, dtype=D), target)
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn"])
+def test_fused_attention_is_exact_given_a_diagonal_output_hessian(name, method):
+    """PyTorch's fused CPU attention kernel as one operation, with the exact query rule (the
+    reference runs the math kernel, which torch.func can differentiate twice)."""
+    model, target, _ = _attention_model(name)
+    estimate = _fused_estimate(model, target, method, "exact")
+    reference = exact_hessian_diagonal if method == "hesscale" else ggn_diagonal
+    assert_close_dicts(estimate, _math_reference(reference, model, target))
+
+
+class _Logits(nn.Module):
+    """``O = softmax(z + mask) V`` with the logits ``z`` as parameters (V fixed)."""
+
+    def __init__(self, z, v, kwargs):
+        super().__init__()
+        self.z, self.v, self.kwargs = nn.Parameter(z), v, kwargs
+
+    def weights(self):
+        z, mask = self.z, self.kwargs.get("attn_mask")
+        if mask is not None and mask.dtype == torch.bool:
+            z = z.masked_fill(~mask, float("-inf"))
+        elif mask is not None:
+            z = z + mask
+        if self.kwargs.get("is_causal"):
+            keep = torch.ones(z.shape[-2:], dtype=torch.bool).tril()
+            z = z.masked_fill(~keep, float("-inf"))
+        return torch.softmax(z, -1)
+
+    def forward(self, _):
+        return self.weights() @ self.v
+
+
+@pytest.mark.parametrize("name", ATTENTION)
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn"])
+def test_fused_attention_centred_query_rule(name, method):
+    """The default query rule: keys and values exact given a diagonal output Hessian; queries
+    ``c² Σ_u diag(G_z)_tu (K_u − K̄_t)²`` with ``diag(G_z)`` the exact Gauss-Newton diagonal of
+    the logits (torch.func), plus (HesScale) the exact second-order part, which centring at
+    ``K̄_t = Σ_u A_tu K_u`` keeps whole. Differs from the exact rule (a guard against a vacuous
+    check)."""
+    model, target, kwargs = _attention_model(name)
+    estimate = _fused_estimate(model, target, method, "centred")
+    exact = _math_reference(exact_hessian_diagonal, model, target)
+    ggn = _math_reference(ggn_diagonal, model, target)
+    expected = exact if method == "hesscale" else ggn
+    for p in ("k", "v"):
+        torch.testing.assert_close(estimate[f"p.{p}"], expected[f"p.{p}"])
+    q, k, v = (model.p[n].detach() for n in "qkv")
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    c = kwargs.get("scale", 1 / q.shape[-1] ** 0.5)
+    logits = _Logits(c * q @ k.transpose(-1, -2), v, kwargs)
+    g_z = _math_reference(ggn_diagonal, logits, target)["z"]
+    with torch.no_grad():
+        a = logits.weights()
+    centred = k.unsqueeze(-3) - (a @ k).unsqueeze(-2)  # (…, t, u, i)
+    expected_q = c * c * (g_z.unsqueeze(-1) * centred**2).sum(-2)
+    if method == "hesscale":
+        expected_q = expected_q + exact["p.q"] - ggn["p.q"]
+    torch.testing.assert_close(estimate["p.q"], expected_q)
+    assert (estimate["p.q"] - expected["p.q"]).abs().max() > 1e-6
 
 
 class RMSNormed(nn.Module):

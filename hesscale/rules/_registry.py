@@ -76,6 +76,31 @@ class Backprop:
     parameters: dict[str, Tensor] = field(default_factory=dict)
 
 
+ATTENTION_QUERY_RULES = ("centred", "exact")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Per-model choices between variants of a rule, set by ``hesscale.extend(model, ...)``.
+
+    Attributes:
+        attention: the query rule of attention (:mod:`hesscale.rules.attention`). ``"centred"``
+            (default): the Hessian with respect to each query's logits is taken as diagonal
+            after centring the keys, ``T_q·T_k·d`` per head, the cost of attention itself.
+            ``"exact"``: exact given a diagonal Hessian at the output, ``T_q·T_k·d_v·d`` per
+            head (``d_v/2`` times attention's cost), for short contexts and quality studies.
+    """
+
+    attention: str = "centred"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_QUERY_RULES:
+            raise ValueError(
+                f"unknown attention rule {self.attention!r}; choose one of "
+                f"{list(ATTENTION_QUERY_RULES)}"
+            )
+
+
 @dataclass(slots=True)
 class NodeContext:
     """What an operation rule sees of one autograd node.
@@ -92,6 +117,7 @@ class NodeContext:
             HesScaleGN; always True on the loss side of the network output.
         method: the estimation method (BL89 changes the softmax rules).
         dtype: the parameters' dtype, in which the curvature pass runs (mixed precision).
+        settings: the model's choices between rule variants (:class:`Settings`).
     """
 
     node: object
@@ -101,6 +127,7 @@ class NodeContext:
     second_order: bool
     method: Method
     dtype: torch.dtype | None = None
+    settings: Settings = Settings()
 
     def saved(self, name: str):
         """``node._saved_<name>``, floating tensors cast to the pass's dtype."""
@@ -253,6 +280,7 @@ __all__ = [
     "LayerContext",
     "NodeContext",
     "Rule",
+    "Settings",
     "buffer",
     "input_shape",
     "layer_rule_for",
