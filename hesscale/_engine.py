@@ -106,7 +106,7 @@ class _Options:
     announce: bool = True  # run the parameters' estimate hooks (optimizer requests)
 
 
-@dataclass
+@dataclass(slots=True)
 class _LayerCall:
     """One call of a module with a layer rule, tagged on its output's autograd node.
 
@@ -270,6 +270,7 @@ class _Pass:
         first = forwards[0]
         self.method, self.options, self.dtype = first.method, first.options, first.dtype
         self.settings = first.state.settings
+        self.scratch = first.state.scratch
         self.info: dict[object, _NodeInfo] = {}
         self.curvature: dict[object, list] = {}
         self.uses: dict[Tensor, int] = {}
@@ -277,7 +278,8 @@ class _Pass:
         self.estimates: dict[Tensor, Tensor] = {}
         self.handles: list[RemovableHandle] = []
         self.layer_params: dict[int, list[Tensor]] = {}  # id(call) -> its estimated parameters
-        self.user_flushes = flushing_denormals()  # the caller's setting, restored after each rule
+        # autocast of the backward's thread (autograd hands it to its device threads)
+        self.autocast = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
     @property
     def loss_factor(self) -> Tensor | None:
@@ -527,14 +529,19 @@ class _Pass:
 
 def _on_node(pass_: _Pass, node, grads):
     """Prehook of a node: apply its rule (see the module docstring), with subnormal floats
-    flushed to zero (:mod:`hesscale._floating`) and autocast off."""
-    device = next((g.device.type for g in grads if g is not None), "cpu")
-    with flush_denormals(pass_.user_flushes):
-        if torch.is_autocast_enabled(device):
+    flushed to zero on the thread that runs it (:mod:`hesscale._floating`) and autocast off.
+    Written without context managers: it runs once per node."""
+    flush = not flushing_denormals() and torch.set_flush_denormal(True)
+    try:
+        if pass_.autocast:
+            device = next((g.device.type for g in grads if g is not None), "cpu")
             with torch.autocast(device, enabled=False):
                 _apply(pass_, node, grads)
         else:
             _apply(pass_, node, grads)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
 
 
 def _as(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
@@ -563,6 +570,7 @@ def _apply(pass_: _Pass, node, grads) -> None:
         method=pass_.method,
         dtype=dtype,
         settings=pass_.settings,
+        scratch=pass_.scratch,
     )
     try:
         results = info.rule(ctx)
@@ -614,6 +622,7 @@ def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> No
             else None
         ),
         second_order=pass_.method.second_order_term or not info.network,
+        scratch=pass_.scratch,
     )
     result: Backprop = call.rule.backprop(ctx)
     _store_layer(pass_, call, result.parameters, params)
@@ -648,7 +657,7 @@ def _store_layer(pass_: _Pass, call: _LayerCall, estimates: dict, params: list[T
 
 def _on_monte_carlo(pass_: _Pass, forward: _Forward, grads) -> None:
     """Prehook at the network output under GGN-MC: sample, backpropagate, square."""
-    with flush_denormals(pass_.user_flushes):
+    with flush_denormals():
         _monte_carlo(pass_, forward)
 
 
@@ -667,8 +676,9 @@ def _computed_weights(module: nn.Module) -> bool:
     parameter: ``torch.nn.utils.prune`` (``weight_orig * weight_mask``), parametrizations,
     weight normalisation. Such a call is seen through its operations, so the estimate
     reaches the parameter the weight is computed from."""
+    parameters = module._parameters
     return any(
-        isinstance(getattr(module, name, None), Tensor) and name not in module._parameters
+        name not in parameters and isinstance(getattr(module, name, None), Tensor)
         for name in ("weight", "bias")
     )
 
@@ -693,6 +703,7 @@ class _ModelState:
         self.param_set = set(self.params)
         self.workspaces: dict[nn.Module, dict] = {}
         self.settings = Settings()
+        self.scratch: dict = {}  # temporaries of the rules (rules._registry.scratch_buffer)
         self.forced: Method | None = None
         self.options = _Options()
         self.current: _Forward | None = None

@@ -257,3 +257,42 @@ def test_bfloat16_autocast_gives_float32_estimates_close_to_float32(method):
         assert est[k].dtype == torch.float32
         scale = ref[k].abs().max()
         torch.testing.assert_close(est[k] / scale, ref[k] / scale, rtol=0.05, atol=0.03)
+
+
+@pytest.mark.parametrize(
+    "model_fn, shape",
+    [
+        # h² and W² of the first Linear have the same shape (batch = in = out)
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh()), (4, 4)),
+        # h² and W² of the second convolution have the same shape (3, 3, 3, 3)
+        (
+            lambda: nn.Sequential(
+                nn.Conv2d(2, 3, 3, padding=1),
+                nn.Tanh(),
+                nn.Conv2d(3, 3, 3, padding=0),
+                nn.Tanh(),
+                nn.Flatten(),
+                nn.Linear(3, 2),
+            ),
+            (3, 2, 3, 3),
+        ),
+    ],
+    ids=["linear", "conv"],
+)
+def test_temporaries_of_one_rule_never_share_memory(model_fn, shape):
+    """The rules' squares live in a pool of reused buffers, one per role: where the input and
+    the weight of a layer have the same shape, both squares must still be right (against the
+    dense recursion), in a repeated pass that reuses the pool."""
+    from hesscale.reference import recursion_reference
+
+    torch.manual_seed(0)
+    model = hesscale.extend(model_fn().double())
+    x = torch.randn(shape, dtype=torch.float64)
+    outputs = model(x).shape[-1]
+    y = torch.randn(shape[0], outputs, dtype=torch.float64)
+    loss_fn = nn.MSELoss()
+    expected = recursion_reference(model, loss_fn, x, y)
+    for _ in range(2):
+        model.zero_grad()
+        _, estimate = hesscale.diagonal(model, loss_fn, x, y)
+        assert_close_dicts(estimate, expected)

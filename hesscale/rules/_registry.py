@@ -53,6 +53,7 @@ class LayerContext:
             which costs more than the arithmetic.
         second_order: keep the second-order terms ``Σ_k g_k ∇²f_k`` of the layer (False for
             HesScaleGN inside the network).
+        scratch: the model's pool of temporaries (see :func:`squared`), or None.
     """
 
     module: nn.Module
@@ -66,6 +67,7 @@ class LayerContext:
     workspace: dict | None = None
     saved: object = None
     second_order: bool = True
+    scratch: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class NodeContext:
         method: the estimation method (BL89 changes the softmax rules).
         dtype: the parameters' dtype, in which the curvature pass runs (mixed precision).
         settings: the model's choices between rule variants (:class:`Settings`).
+        scratch: the model's pool of temporaries (see :func:`squared`), or None.
     """
 
     node: object
@@ -128,6 +131,7 @@ class NodeContext:
     method: Method
     dtype: torch.dtype | None = None
     settings: Settings = Settings()
+    scratch: dict | None = None
 
     def saved(self, name: str):
         """``node._saved_<name>``, floating tensors cast to the pass's dtype."""
@@ -256,9 +260,28 @@ def buffer(workspace: dict | None, key: str, like: Tensor, shape=None) -> Tensor
     return buf
 
 
-def squared(t: Tensor) -> Tensor:
-    """Element-wise square, kept in one place so that dtype handling stays consistent."""
-    return t * t
+def scratch_buffer(scratch: dict, tag: str, shape, dtype, device) -> Tensor:
+    """An uninitialised temporary shaped ``shape`` from the pool ``scratch``: one flat buffer
+    per ``(tag, dtype, device)``, grown to the largest size asked for, so that a backward pass
+    re-uses memory that is already mapped instead of page-faulting fresh memory for every
+    layer (on CPU that costs more than the arithmetic). Distinct tags never share memory."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    key = (tag, dtype, device)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def squared(t: Tensor, scratch: dict | None = None, tag: str = "square") -> Tensor:
+    """Element-wise square ``t ⊙ t``. With a ``scratch`` pool it is written into the pool's
+    buffer for ``tag``: a temporary that the caller consumes before it squares another tensor
+    with the same tag (the next rule reuses the memory)."""
+    if scratch is None or (t.requires_grad and torch.is_grad_enabled()):  # create_graph=True
+        return t * t
+    return torch.mul(t, t, out=scratch_buffer(scratch, tag, t.shape, t.dtype, t.device))
 
 
 def input_shape(ctx: NodeContext, index: int) -> tuple[int, ...]:
@@ -287,6 +310,7 @@ __all__ = [
     "node_rule_for",
     "operation_rule",
     "register_rule",
+    "scratch_buffer",
     "squared",
     "sum_to",
     "supported_operations",

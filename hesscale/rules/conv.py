@@ -52,13 +52,14 @@ def convolution_curvatures(
     need_input: bool,
     need_weight: bool,
     need_bias: bool,
+    scratch: dict | None = None,
 ):
     """Eq. 8–9: ``(ŝ_h, ŝ_W, ŝ_b)`` by one ``aten.convolution_backward`` on ``ŝ`` with ``h²``
-    and ``W²`` (symmetric zero padding)."""
+    and ``W²`` (symmetric zero padding; the squares are temporaries of ``scratch``)."""
     return torch.ops.aten.convolution_backward(
         s_out,
-        squared(h),
-        squared(weight),
+        squared(h, scratch, "input"),
+        squared(weight, scratch, "weight"),
         [weight.shape[1] * groups if transposed else weight.shape[0]] if need_bias else None,
         list(stride),
         list(padding),
@@ -116,6 +117,7 @@ def conv_rule(ctx: LayerContext) -> Backprop:
             need_input,
             need_params,
             need_params and has_bias,
+            ctx.scratch,
         )
 
     s_out = ctx.curvature_output
@@ -152,6 +154,7 @@ def convolution_node_rule(ctx: NodeContext):
         ctx.needs[0],
         ctx.needs[1],
         len(ctx.needs) > 2 and ctx.needs[2],
+        ctx.scratch,
     )
 
 

@@ -36,23 +36,23 @@ from ._registry import (
 def linear_rule(ctx: LayerContext) -> Backprop:
     """Eq. 4–5 for a fully connected layer; shapes ``h: (N, *, in)``, ``ŝ_a: (N, *, out)``."""
     module = ctx.module
-    ws, weight = ctx.workspace, module.weight
+    ws, weight, scratch = ctx.workspace, module.weight, ctx.scratch
     if ctx.individual:  # per example n: Σ over the other positions t
         n = ctx.input.shape[0]
         s_out = ctx.curvature_output.reshape(n, -1, module.out_features)
-        h_sq = squared(ctx.input.reshape(n, -1, module.in_features))
+        h_sq = squared(ctx.input.reshape(n, -1, module.in_features), scratch, "input")
         params = {"weight": torch.einsum("nto,nti->noi", s_out, h_sq)}
         if module.bias is not None:
             params["bias"] = s_out.sum(1)
     else:
         s_out = ctx.curvature_output.reshape(-1, module.out_features)
-        h_sq = squared(ctx.input.reshape(-1, module.in_features))
+        h_sq = squared(ctx.input.reshape(-1, module.in_features), scratch, "input")
         params = {"weight": torch.mm(s_out.T, h_sq, out=buffer(ws, "weight", weight))}
         if module.bias is not None:
             params["bias"] = torch.sum(s_out, 0, out=buffer(ws, "bias", module.bias))
     s_in = None
     if ctx.need_input_curvature:
-        s_in = ctx.curvature_output @ squared(weight)  # a temporary: keeps peak memory low
+        s_in = ctx.curvature_output @ squared(weight, scratch, "weight")
     return Backprop(s_in, params)
 
 
@@ -63,8 +63,8 @@ def _product_curvatures(ctx, s, a_name, b_name, need_a: bool, need_b: bool, scal
         return None, None
     a = ctx.saved(a_name) if need_b else None
     b = ctx.saved(b_name) if need_a else None
-    s_a = s @ squared(b).transpose(-1, -2) if need_a else None
-    s_b = squared(a).transpose(-1, -2) @ s if need_b else None
+    s_a = s @ squared(b, ctx.scratch, "mat2").transpose(-1, -2) if need_a else None
+    s_b = squared(a, ctx.scratch, "mat1").transpose(-1, -2) @ s if need_b else None
     if scale != 1.0:
         factor = scale * scale
         s_a = s_a * factor if s_a is not None else None
