@@ -257,12 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument(
         "--budget",
-        choices=["default", "paper", "tiny"],
+        choices=["default", "paper", "sensitivity", "tiny"],
         default="default",
         help="default: 2 epochs, 4 step sizes grown while the best is on the edge, β₁ ∈ {0, 0.9} "
         "× β₂ ∈ {0.99, 0.999, 0.9999}, the best rerun over 3 seeds; paper: the problem's full "
-        "epochs, 7 step sizes, 30 seeds; tiny: 1 epoch of 3 batches, 2 step sizes, one β pair, "
-        "2 seeds (a smoke test)",
+        "epochs, 7 step sizes, 30 seeds; sensitivity: 2 epochs, one step size per decade over "
+        "6 decades, β = (0.9, 0.999), 3 seeds (robustness to the step size); tiny: 1 epoch of "
+        "3 batches, 2 step sizes, one β pair, 2 seeds (a smoke test)",
     )
     tune.add_argument("--out", default="results/tune", help="folder of the runs and the report")
     tune.add_argument(

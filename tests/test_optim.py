@@ -216,7 +216,26 @@ def test_registry_lists_every_optimizer():
         "adabl89",
         "adahesscale",
         "adahesscalegn",
+        "adam-scaled",
+        "adahesscale-scaled",
+        "adahesscalegn-scaled",
+        "sophia",
     }
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_registry_builds_each_configuration(name):
+    """The run's β and ε reach the optimizers that take them; SGD and Sophia keep their own;
+    the scaled configurations turn the scaling on."""
+    spec = OPTIMIZERS[name]
+    opt = spec.build([nn.Parameter(torch.zeros(2))], lr=0.1, betas=(0.5, 0.6), eps=1e-3)
+    group = opt.param_groups[0]
+    assert isinstance(opt, spec.cls) and group["lr"] == 0.1
+    if name in ("sgd", "sophia"):
+        assert group.get("betas") in (None, (0.965, 0.99)) and group.get("eps") in (None, 1e-12)
+    else:
+        assert group["betas"] == (0.5, 0.6) and group["eps"] == 1e-3
+    assert group.get("delta") == (1e-4 if name.endswith("-scaled") else None)
 
 
 def test_plain_adam_on_an_extended_model_computes_no_estimate():

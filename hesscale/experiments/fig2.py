@@ -84,7 +84,7 @@ def time_point(
     fns, models = {}, {}
     for name in optimizers or list(OPTIMIZER_LABELS):
         model = hesscale.extend(copy.deepcopy(base))
-        cls = OPTIMIZERS[name]
+        cls = OPTIMIZERS[name].cls
         # timing of the algorithms as published: without the guard, which refuses the blow-ups
         # that random data and a fixed step size cause (its cost: benchmarks/guard_cost.py)
         options = {"guard": False} if issubclass(cls, CurvatureAdam) else {}

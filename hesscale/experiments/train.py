@@ -21,7 +21,7 @@ import pickle
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -81,10 +81,10 @@ def make_optimizer(config: RunConfig, model: nn.Module, l2: float) -> torch.opti
     weights = [p for p in model.parameters() if p.dim() > 1]
     others = [p for p in model.parameters() if p.dim() <= 1]
     groups = [{"params": weights, "weight_decay": l2}, {"params": others, "weight_decay": 0.0}]
-    cls = OPTIMIZERS[config.optimizer]
-    if cls is torch.optim.SGD:
-        return cls(groups, lr=config.lr, **config.extra)
-    return cls(groups, lr=config.lr, betas=config.betas, eps=config.eps, **config.extra)
+    spec = OPTIMIZERS[config.optimizer]
+    if config.extra:
+        spec = replace(spec, options={**spec.options, **config.extra})
+    return spec.build(groups, config.lr, config.betas, config.eps)
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from hesscale.optim import OPTIMIZERS
+
 from .data import deepobs_splits, load
 from .io import atomic_write_json, environment_record
 from .plots import eps_suffix, plot_tune
@@ -39,6 +41,10 @@ LR_RANGES = {
     "adabl89": (-5.0, -2.0),
     "adahesscale": (-5.0, -2.0),
     "adahesscalegn": (-5.0, -2.0),
+    "adam-scaled": (-5.0, -2.0),
+    "adahesscale-scaled": (-5.0, -2.0),
+    "adahesscalegn-scaled": (-5.0, -2.0),
+    "sophia": (-5.0, -2.0),
 }
 
 
@@ -47,11 +53,12 @@ class Budget:
     """How much a tune spends."""
 
     epochs: int | None  # None: the paper's epochs for the problem
-    lr_points: int
+    lr_points: int | None  # None: one per decade
     seeds: int
     betas: tuple[tuple[float, float], ...] | None = None  # None: the full grid
     max_batches: int | None = None
     extend: int = 0  # step sizes added beyond the range while the best lies on its edge
+    widen: int = 0  # decades added to each side of the optimizer's step-size range
 
 
 BUDGETS = {
@@ -59,12 +66,20 @@ BUDGETS = {
     "default": Budget(epochs=2, lr_points=4, seeds=3, extend=3),
     "paper": Budget(epochs=None, lr_points=7, seeds=30, extend=3),
     "tiny": Budget(epochs=1, lr_points=2, seeds=2, betas=((0.9, 0.999),), max_batches=3),
+    # robustness to the step size: six decades, one step size per decade, the default betas
+    "sensitivity": Budget(epochs=2, lr_points=None, seeds=3, betas=((0.9, 0.999),), widen=1),
 }
 
 
-def step_size_exponents(optimizer: str, points: int) -> tuple[list[float], float]:
-    """log10 of the step sizes searched first, and their spacing (one decade for one point)."""
+def step_size_exponents(
+    optimizer: str, points: int | None, widen: int = 0
+) -> tuple[list[float], float]:
+    """log10 of the step sizes searched first, and their spacing (one decade for one point;
+    ``points=None``: one per decade of the range widened by ``widen`` decades on each side)."""
     low, high = LR_RANGES[optimizer]
+    low, high = low - widen, high + widen
+    if points is None:
+        return [low + i for i in range(int(round(high - low)) + 1)], 1.0
     if points == 1:
         return [(low + high) / 2], 1.0
     spacing = (high - low) / (points - 1)
@@ -100,9 +115,9 @@ def grid(
 ) -> list[tuple[float, tuple[float, float]]]:
     """(step size, betas) pairs for the step sizes ``10**exponents``."""
     betas = (
-        [(0.9, 0.999)]
-        if optimizer == "sgd"
-        else list(budget.betas or [(b1, b2) for b1 in BETA1S for b2 in BETA2S])
+        list(budget.betas or [(b1, b2) for b1 in BETA1S for b2 in BETA2S])
+        if OPTIMIZERS[optimizer].betas
+        else [(0.9, 0.999)]  # SGD and Sophia: not used
     )
     return [(10**e, b) for b in betas for e in exponents]
 
@@ -142,7 +157,7 @@ def tune(
     }
 
     def config(name, lr, betas, seed):
-        adaptive = {} if eps is None or name == "sgd" else {"eps": eps}
+        adaptive = {} if eps is None or not OPTIMIZERS[name].eps else {"eps": eps}
         return RunConfig(
             problem=problem,
             optimizer=name,
@@ -172,7 +187,7 @@ def tune(
                     }
                 )
 
-        exponents, spacing = step_size_exponents(name, plan.lr_points)
+        exponents, spacing = step_size_exponents(name, plan.lr_points, plan.widen)
         search(exponents)
         for _ in range(plan.extend):
             extra = next_exponent(searched, exponents, spacing)
@@ -209,7 +224,11 @@ def report(summary: dict) -> str:
         accs = [c["test_acc"][-1] for c in entry["seeds"]]
         losses = [c["test_loss"][-1] for c in entry["seeds"]]
         best = entry["best"]
-        b1, b2 = ("-", "-") if name == "sgd" else (f"{best['betas'][0]:g}", f"{best['betas'][1]:g}")
+        b1, b2 = (
+            (f"{best['betas'][0]:g}", f"{best['betas'][1]:g}")
+            if OPTIMIZERS[name].betas
+            else ("-", "-")
+        )
         lines.append(
             f"{name:<15}{best['lr']:>10.2e}{b1:>5}{b2:>8}"
             f"{_mean_se(accs):>18}{_mean_se(losses):>20}{entry['seconds_per_epoch']:>9.1f}"

@@ -10,6 +10,7 @@ from .optimizers import (
     AdaHesScaleGN,
     AdaHessian,
     Adam,
+    OptimizerSpec,
     Sophia,
 )
 
@@ -22,6 +23,7 @@ __all__ = [
     "AdaHessian",
     "Adam",
     "CurvatureAdam",
+    "OptimizerSpec",
     "Sophia",
     "UpdateError",
     "curvature_adam",
