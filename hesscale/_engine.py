@@ -122,7 +122,8 @@ class _LayerCall:
     path: str
     rule: Rule
     input: Tensor | None
-    output: Tensor | None
+    output: Tensor | None  # kept only for rules that read its values (Rule.needs_output)
+    output_like: tuple  # (shape, dtype, device) of the output
     first: int  # autograd's sequence number when the module started: its nodes are numbered on
     leaf_input: weakref.ref | None  # the input, when it is a leaf that requires grad
     version: int
@@ -591,17 +592,22 @@ def _apply(pass_: _Pass, node, grads) -> None:
 
 
 def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> None:
-    if call.output._version != call.version:
+    if call.output is not None and call.output._version != call.version:
         raise RuntimeError(
             f"the output of module '{call.path}' was modified in place after the module ran; "
             "its rule needs it as the module returned it"
         )
     dtype = pass_.dtype
-    output = _as(call.output, dtype)
+    shape, out_dtype, device = call.output_like
+    out_dtype = dtype if dtype is not None and out_dtype.is_floating_point else out_dtype
+    if call.output is not None:
+        output = _as(call.output, dtype)
+    else:  # the rule reads only its shape and dtype
+        output = torch.empty(shape, dtype=out_dtype, device="meta")
     if grad is None:
-        grad = torch.zeros_like(output)
+        grad = torch.zeros(shape, dtype=out_dtype, device=device)
     if s is None:
-        s = torch.zeros_like(output)
+        s = torch.zeros(shape, dtype=out_dtype, device=device)
     params = pass_._layer_params(call)
     need_input = bool(info.needs) and info.needs[0]
     single_use = all(pass_.uses.get(p, 1) == 1 for p in params)
@@ -791,7 +797,8 @@ class _ModelState:
             path=path,
             rule=rule,
             input=x.detach(),
-            output=output.detach(),
+            output=output.detach() if rule.needs_output else None,
+            output_like=(output.shape, output.dtype, output.device),
             first=first,
             leaf_input=weakref.ref(x) if x.requires_grad and x.grad_fn is None else None,
             version=output._version,

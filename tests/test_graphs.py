@@ -342,8 +342,46 @@ def test_in_place_changes_of_a_returned_loss_keep_it_marked(method):
         out *= 2
         return loss_fn(out, y)
 
-    with pytest.raises(RuntimeError, match="output of module 'w3' was modified in place"):
-        _estimate_of(model, doubled_in_place, method)
+    # autograd sees the change (the layer rule of w3 reads only its input and the curvature)
+    assert_close_dicts(
+        _estimate_of(model, doubled_in_place, method),
+        _estimate_of(model, lambda m: loss_fn(2 * m(x), y), method),
+    )
+
+
+class Scale(nn.Module):
+    """``y = c ⊙ x`` with a layer rule that reads the output (``ŝ_c = Σ ŝ y² / c²``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Parameter(torch.rand(3, dtype=D) + 0.5)
+
+    def forward(self, x):
+        return self.c * x
+
+
+def _scale_rule(ctx):
+    s, c = ctx.curvature_output, ctx.module.c
+    return hesscale.Backprop(s * c**2, {"c": (s * ctx.output**2 / c**2).sum(0)})
+
+
+def test_changing_an_output_that_a_layer_rule_reads_is_refused():
+    hesscale.register_rule(Scale, _scale_rule)  # reads ctx.output: the engine keeps it
+    model = nn.Sequential(nn.Linear(4, 3), Scale()).to(D)
+    x, y = torch.randn(5, 4, dtype=D), torch.randint(0, 3, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    expected = exact_hessian_diagonal(model, loss_fn, x, y)["1.c"]
+    assert_close_dicts(
+        {"c": _estimate_of(model, lambda m: loss_fn(m(x), y))["1.c"]}, {"c": expected}
+    )
+
+    def doubled_in_place(m):
+        out = m(x)
+        out *= 2
+        return loss_fn(out, y)
+
+    with pytest.raises(RuntimeError, match="output of module '1' was modified in place"):
+        _estimate_of(model, doubled_in_place)
 
 
 @pytest.mark.parametrize("name", ["residual-post", "gated-swiglu", "residual-cnn"])

@@ -165,18 +165,29 @@ class Rule:
     says what is not supported. ``capture(module, input, output)``, if given, runs in the
     forward pass (only when an estimate was requested) and its result reaches the rule as
     ``ctx.saved``: for what the forward pass knows and the backward pass cannot recover.
+    ``needs_output=False`` says that the rule reads only the output's shape and dtype: the
+    engine then does not keep the module's output alive until the backward pass (autograd
+    itself does not keep the output of a Linear layer or a convolution), and ``ctx.output``
+    is a tensor on the ``meta`` device.
     """
 
     backprop: RuleFn
     check: CheckFn | None = None
     capture: CaptureFn | None = None
+    needs_output: bool = True
 
 
 _LAYER_RULES: dict[type[nn.Module], Rule] = {}
 _NODE_RULES: dict[object, NodeRuleFn] = {}
 
 
-def register_rule(target, backprop, check: CheckFn | None = None, capture: CaptureFn | None = None):
+def register_rule(
+    target,
+    backprop,
+    check: CheckFn | None = None,
+    capture: CaptureFn | None = None,
+    needs_output: bool = True,
+):
     """Register the HesScale rule of a layer type or of a custom autograd Function.
 
     Args:
@@ -193,12 +204,16 @@ def register_rule(target, backprop, check: CheckFn | None = None, capture: Captu
             sentence makes ``extend`` raise :class:`UnsupportedModuleError` with it.
         capture: layers only: ``capture(module, input, output) -> object`` run in the forward
             pass; its result is ``ctx.saved``.
+        needs_output: layers only: False when the rule reads only the shape and dtype of
+            ``ctx.output`` (then a ``meta`` tensor), which saves keeping the output alive.
     """
     if isinstance(target, type) and issubclass(target, nn.Module):
-        _LAYER_RULES[target] = Rule(backprop, check, capture)
+        _LAYER_RULES[target] = Rule(backprop, check, capture, needs_output)
     elif isinstance(target, type) and issubclass(target, torch.autograd.Function):
-        if check is not None or capture is not None:
-            raise TypeError("check and capture apply to layer rules, not to Function rules")
+        if check is not None or capture is not None or not needs_output:
+            raise TypeError(
+                "check, capture and needs_output apply to layer rules, not to Function rules"
+            )
         _NODE_RULES[target] = backprop
     else:
         raise TypeError(

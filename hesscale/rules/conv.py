@@ -169,4 +169,4 @@ def check_conv(module: nn.Module) -> str | None:
 
 
 for _conv in CONVOLUTIONS + TRANSPOSED:
-    register_rule(_conv, conv_rule, check_conv)
+    register_rule(_conv, conv_rule, check_conv, needs_output=False)

@@ -39,4 +39,4 @@ def check_embedding(module: nn.Module) -> str | None:
     return None
 
 
-register_rule(nn.Embedding, embedding_rule, check_embedding)
+register_rule(nn.Embedding, embedding_rule, check_embedding, needs_output=False)

@@ -109,4 +109,4 @@ def addmm_rule(ctx: NodeContext):
     return s_c, s_a, s_b
 
 
-register_rule(nn.Linear, linear_rule)
+register_rule(nn.Linear, linear_rule, needs_output=False)

@@ -193,4 +193,4 @@ def rms_norm_rule(ctx: LayerContext) -> Backprop:
 
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
-    register_rule(nn.RMSNorm, rms_norm_rule)
+    register_rule(nn.RMSNorm, rms_norm_rule, needs_output=False)
