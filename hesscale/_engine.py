@@ -207,9 +207,10 @@ def _backward(root: Tensor, *args, **kwargs):
                 curvature_pass.finish()
 
 
-@dataclass
+@dataclass(slots=True)
 class _NodeInfo:
     edges: tuple  # ((child, output_nr), ...) followed: next_functions, or a layer call's input
+    leaf: bool = False  # an AccumulateGrad node: a parameter (or input) end of the graph
     needs: tuple = ()
     network: bool = False
     rule: object = None
@@ -304,16 +305,18 @@ class _Pass:
                 continue
             if node in info:
                 continue
-            meta = {} if _is_leaf(node) else node.metadata
-            calls = meta.get(_LAYER_TAG)
+            if type(node).__name__ == "AccumulateGrad":
+                info[node] = _NodeInfo((), leaf=True)
+                order.append(node)
+                continue
+            meta = node.metadata
+            calls = meta.get(_LAYER_TAG) if meta else None
             if calls is not None:
                 edges = _layer_inputs(node, calls)
-            elif _is_leaf(node):
-                edges = ()
             else:
                 edges = tuple(_through_aliases(e) for e in node.next_functions)
             info[node] = _NodeInfo(edges, calls=calls)
-            forward = meta.get(_OUTPUT_TAG)
+            forward = meta.get(_OUTPUT_TAG) if meta else None
             if forward is not None:
                 forwards[id(forward)] = forward
                 markers.append((node, forward))
@@ -370,7 +373,7 @@ class _Pass:
         useful: dict[object, bool] = {}
         for node in order:
             info = self.info[node]
-            if _is_leaf(node):
+            if info.leaf:
                 useful[node] = self._estimated(node.variable)
                 continue
             info.needs = tuple(child is not None and useful[child] for child, _ in info.edges)
@@ -413,7 +416,7 @@ class _Pass:
     def _register_rules(self) -> None:
         individual = self.options.individual
         for node, info in self.info.items():
-            if _is_leaf(node) or not self.useful[node]:
+            if info.leaf or not self.useful[node]:
                 continue
             for call in (info.calls or {}).values():
                 if call.input is None:
@@ -526,6 +529,7 @@ class _Pass:
             f.release()
         self.curvature.clear()
         self.info.clear()
+        self.useful = {}
 
 
 def _on_node(pass_: _Pass, node, grads):
