@@ -6,11 +6,16 @@ computing gradients alone (an un-extended copy of the model), and the ratio of p
 (the model's parameters, plus the estimates and buffers the engine keeps between steps, plus
 the peak allocated during a warm step; the plain pass re-allocates its gradients each step).
 Also reports an extended model with no estimate requested (what plain Adam on an extended
-model pays), a residual MLP of the Fig. 2b size (4 blocks of two 512-wide tanh layers), and the
+model pays), a residual MLP of the Fig. 2b size (4 blocks of two 512-wide tanh layers), the
 cost of the graph mechanism alone (the walk and the prehooks with rules that do nothing), as a
-ratio and per node of autograd's graph, ``(t_mechanism − t_plain) / nodes``.
+ratio and per node of autograd's graph, ``(t_mechanism − t_plain) / nodes``, and, on the tanh
+chains, the floor: the forward pass and the recursion of gradients and HesScale curvatures
+written out by hand in plain torch operations (no autograd, no engine; the squares in reused
+buffers), so that the engine's ratio can be read against what the arithmetic itself costs on
+the machine.
 
-    python benchmarks/engine_cost.py [--rounds 20] [--batch-sizes 1 128] [--json out.json]
+    python benchmarks/engine_cost.py [--rounds 20] [--batch-sizes 1 128] [--networks L=4 residual]
+                                     [--json out.json]
 """
 
 from __future__ import annotations
@@ -62,6 +67,48 @@ def _bytes(tensors) -> int:
     return sum(storages.values())
 
 
+def hand_written(model: nn.Sequential, x, y):
+    """One step of the forward pass and of the gradient and HesScale recursion (Eq. 1–5, the
+    exact softmax cross-entropy diagonal at the output) of a Linear/Tanh chain, by hand."""
+    layers = [m for m in model if isinstance(m, nn.Linear)]
+    buffers: dict = {}
+
+    def buffer(key, like):
+        if key not in buffers:
+            buffers[key] = torch.empty_like(like)
+        return buffers[key]
+
+    def run():
+        with torch.no_grad():
+            hs, h = [x], x
+            for i, layer in enumerate(layers):
+                a = torch.addmm(layer.bias, h, layer.weight.T)
+                if i < len(layers) - 1:
+                    h = torch.tanh(a)
+                    hs.append(h)
+            p = torch.softmax(a, 1)
+            g = p.clone()
+            g[torch.arange(len(y)), y] -= 1
+            g /= len(y)
+            s = (p - p * p) / len(y)
+            for i in reversed(range(len(layers))):
+                layer, h = layers[i], hs[i]
+                layer.weight.grad, layer.bias.grad = g.T @ h, g.sum(0)
+                h_sq = torch.mul(h, h, out=buffer(("h", i), h))
+                torch.mm(s.T, h_sq, out=buffer(("w", i), layer.weight))
+                torch.sum(s, 0, out=buffer(("b", i), layer.bias))
+                if i > 0:
+                    w_sq = torch.mul(
+                        layer.weight, layer.weight, out=buffer(("w2", i), layer.weight)
+                    )
+                    g_h, s_h = g @ layer.weight, s @ w_sq
+                    d = 1 - h_sq  # tanh' from the tanh output
+                    g = g_h * d
+                    s = s_h * d * d - 2 * h * d * g_h  # σ'² ŝ + σ'' g, σ'' = −2 h σ'
+
+    return run
+
+
 def measure(make, batch: int, rounds: int, device: str):
     torch.manual_seed(0)
     plain = make().to(device)
@@ -92,6 +139,9 @@ def measure(make, batch: int, rounds: int, device: str):
         "mechanism": mechanism_only,
     }
     fns.update({m: step(model, m) for m in METHODS})
+    chain = isinstance(plain, nn.Sequential)
+    if chain:
+        fns["by hand"] = hand_written(copy.deepcopy(plain), x, y)
     times = interleaved_times(fns, rounds=rounds, inner=3 if batch == 1 else 1, device=device)
     hesscale.request(model.parameters(), None)
     # memory: the model's parameters, what the engine keeps between steps (estimates and
@@ -99,7 +149,7 @@ def measure(make, batch: int, rounds: int, device: str):
     resident = _bytes(plain.parameters())
     memory = {}
     for name in fns:
-        if name == "mechanism":
+        if name in ("mechanism", "by hand"):
             continue
         fresh = copy.deepcopy(plain)
         if name != "plain":
@@ -115,6 +165,7 @@ def measure(make, batch: int, rounds: int, device: str):
         state = getattr(fresh, "_hesscale_state", None)
         if state is not None:
             kept += [t for ws in state.workspaces.values() for t in ws.values()]
+            kept += list(state.scratch.values())
         memory[name] = resident + _bytes(kept) + peak_memory(run, device)
         hesscale.request(fresh.parameters(), None)
     nodes = graph_nodes(loss_fn(plain(x), y))
@@ -127,6 +178,9 @@ def main(argv=None):
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 128])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument(
+        "--networks", nargs="+", default=None, help="only the networks whose label starts so"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     print(
@@ -134,7 +188,7 @@ def main(argv=None):
         f"{torch.get_num_threads()} threads, device {args.device}"
     )
     rows = []
-    names = ["extended, no request", "mechanism"] + METHODS
+    names = ["extended, no request", "mechanism"] + METHODS + ["by hand"]
     header = (
         f"{'network':<22}{'batch':>6}{'params':>10} | "
         + " ".join(f"{n[:12]:>12}" for n in names)
@@ -143,6 +197,8 @@ def main(argv=None):
     print("time over plain forward+backward (peak memory ratio in brackets)")
     print(header)
     for label, make in networks():
+        if args.networks and not any(label.startswith(n) for n in args.networks):
+            continue
         for batch in args.batch_sizes:
             count, times, memory, nodes = measure(make, batch, args.rounds, args.device)
             base_t, base_m = times["plain"]["median"], max(memory["plain"], 1)
@@ -156,8 +212,11 @@ def main(argv=None):
                 "graph_nodes": nodes,
             }
             for n in names:
+                if n not in times:  # the hand-written floor exists for the chains only
+                    cells.append("  -")
+                    continue
                 ratio_t = times[n]["median"] / base_t
-                ratio_m = memory[n] / base_m if n != "mechanism" else None  # not a real step
+                ratio_m = memory[n] / base_m if n in memory else None  # not a real step
                 row[n] = {
                     "time_ratio": ratio_t,
                     "memory_ratio": ratio_m,

@@ -45,12 +45,18 @@ Hessian and backpropagates them to the layer calls with one batched ``autograd.g
 ``torch.autograd.backward(loss)`` and ``torch.autograd.grad`` bypass ``Tensor.backward``: they
 compute gradients and no estimate, which the optimizers report as a missing estimate.
 
-Measured (this project's 2-core x86 CPU, one thread, float32, Fig. 2b net with 4 layers of
-512 tanh units, 26 nodes): the walk and the prehooks alone, with rules that do nothing, cost
-1.36× a plain forward+backward at batch 1 (about 15 µs per node) and 1.03× at batch 128; the
-residual MLP of the same size (55 nodes) 1.30× and 1.07×. With the rules, the estimate costs
-1.75–1.93× at batch 128 across runs (``benchmarks/engine_cost.py``); the rest is the rules'
-arithmetic: two extra matrix products per layer and memory-bound element-wise passes.
+Measured (this project's 2-core x86 CPU, one thread, float32, ``benchmarks/engine_cost.py``,
+interleaved medians; the VM's timings vary by about ±5 % between runs): on the Fig. 2b chains
+(4 and 16 layers of 512 tanh units) and a residual MLP of the same size the estimate costs
+1.86–1.95× a plain forward+backward at batch 128, where the same arithmetic written out by hand
+in plain torch operations (no autograd, no engine) costs 1.80–1.81×: two extra matrix products
+per layer and the element-wise rules are the floor on this machine, the graph mechanism adds
+about 0.1. The mechanism alone (the walk and the prehooks with rules that do nothing) costs
+1.04–1.07× at batch 128 and 1.0–1.15× at batch 1, about 2–4 µs per prehook and 10 µs per
+hooked node to plan (``register_prehook`` is most of it). The squares of weights and inputs go
+to a pool of reused buffers (:func:`hesscale.rules._registry.scratch_buffer`): fresh
+parameter-sized memory is page-faulted on every use on this VM, which made the hand-written
+recursion 2.0× instead of 1.8×.
 """
 
 from __future__ import annotations
