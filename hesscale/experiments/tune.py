@@ -214,10 +214,11 @@ def tune(
 
 def report(summary: dict) -> str:
     """Best step size, final test accuracy and loss (mean ± standard error), time per epoch."""
+    width = max([len("optimizer")] + [len(n) for n in summary["optimizers"]]) + 2
     lines = [
         f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}"
         + eps_suffix(summary),
-        f"{'optimizer':<15}{'best lr':>10}{'β1':>5}{'β2':>8}{'test acc':>18}"
+        f"{'optimizer':<{width}}{'best lr':>10}{'β1':>5}{'β2':>8}{'test acc':>18}"
         f"{'test loss':>20}{'s/epoch':>9}",
     ]
     for name, entry in summary["optimizers"].items():
@@ -230,7 +231,7 @@ def report(summary: dict) -> str:
             else ("-", "-")
         )
         lines.append(
-            f"{name:<15}{best['lr']:>10.2e}{b1:>5}{b2:>8}"
+            f"{name:<{width}}{best['lr']:>10.2e}{b1:>5}{b2:>8}"
             f"{_mean_se(accs):>18}{_mean_se(losses):>20}{entry['seconds_per_epoch']:>9.1f}"
         )
     return "\n".join(lines)
