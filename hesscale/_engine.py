@@ -61,6 +61,7 @@ recursion 2.0× instead of 1.8×.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from contextlib import contextmanager
@@ -86,6 +87,7 @@ from .rules._registry import (
     supported_operations,
 )
 from .rules.losses import bind_loss_arguments, check_loss, is_loss
+from .rules.normalization import batch_statistics
 
 _STATE = "_hesscale_state"
 _LOSS_STATE = "_hesscale_loss"
@@ -136,6 +138,7 @@ class _LayerCall:
     forward: _Forward
     saved: object = None
     live_output: Tensor | None = None
+    normalized: object = None  # the BatchStatistics of a train-mode BatchNorm fused into it
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,7 @@ class _Forward:
 
     def release(self) -> None:
         for call in self.calls:
-            call.input = call.output = call.saved = call.live_output = None
+            call.input = call.output = call.saved = call.live_output = call.normalized = None
         self.live_output = None
         self.loss = None
 
@@ -221,6 +224,7 @@ class _NodeInfo:
     network: bool = False
     rule: object = None
     calls: dict | None = None  # output_nr -> _LayerCall for a layer call's output node
+    fuses: _LayerCall | None = None  # a train-mode BatchNorm: the layer whose weights it fuses
 
 
 def _is_leaf(node) -> bool:
@@ -419,8 +423,31 @@ class _Pass:
             "method='hutchinson' (AdaHessian), 'exact' on small models."
         )
 
+    def _fused_layer(self, node, info: _NodeInfo) -> _LayerCall | None:
+        """The layer call whose weights a train-mode BatchNorm node differentiates through its
+        batch statistics (``Settings.batch_norm``): its output's only consumer is the node."""
+        if (
+            self.settings.batch_norm != "fused"
+            or self.options.individual
+            or type(node).__name__ != "NativeBatchNormBackward0"
+            or not node._saved_training
+        ):
+            return None
+        child, nr = info.edges[0]
+        producer = self.info.get(child) if child is not None else None
+        call = producer.calls.get(nr) if producer is not None and producer.calls else None
+        if call is None or not call.rule.batch_norm:
+            return None
+        if self.consumers is None:
+            self.consumers = {}
+            for other in self.info.values():
+                for edge in other.edges:
+                    self.consumers[edge] = self.consumers.get(edge, 0) + 1
+        return call if self.consumers[(child, nr)] == 1 else None
+
     def _register_rules(self) -> None:
         individual = self.options.individual
+        self.consumers = None
         for node, info in self.info.items():
             if info.leaf or not self.useful[node]:
                 continue
@@ -441,6 +468,7 @@ class _Pass:
                         f"({len(supported_operations())} are, e.g. "
                         "AddmmBackward0, ConvolutionBackward0, TanhBackward0, MulBackward0).",
                     )
+                info.fuses = self._fused_layer(node, info)
                 if individual and any(
                     need and _is_leaf(child) for (child, _), need in zip(info.edges, info.needs)
                 ):
@@ -587,6 +615,8 @@ def _apply(pass_: _Pass, node, grads) -> None:
         results = info.rule(ctx)
     except NotImplementedError as error:
         pass_._refuse(node, f"is used in a way its rule does not support: {error}", "")
+    if info.fuses is not None:
+        info.fuses.normalized = batch_statistics(ctx)
     if len(results) < len(info.edges) and any(info.needs[len(results) :]):
         raise RuntimeError(
             f"the rule of {type(node).__name__} returned {len(results)} curvatures for "
@@ -639,6 +669,7 @@ def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> No
         ),
         second_order=pass_.method.second_order_term or not info.network,
         scratch=pass_.scratch,
+        normalized=call.normalized,
     )
     result: Backprop = call.rule.backprop(ctx)
     _store_layer(pass_, call, result.parameters, params)
@@ -650,7 +681,7 @@ def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> No
             pass_.add_estimate(child.variable, result.curvature_input)
         else:
             pass_.add(child, nr, result.curvature_input)
-    call.input = call.output = call.saved = None
+    call.input = call.output = call.saved = call.normalized = None
 
 
 def _store_layer(pass_: _Pass, call: _LayerCall, estimates: dict, params: list[Tensor]) -> None:
@@ -907,7 +938,9 @@ def _set_loss_factor(forwards: list[_Forward], grad: Tensor) -> None:
         forward.loss_factor = _plain(grad.detach())
 
 
-def extend(module: nn.Module, *, attention: str | None = None) -> nn.Module:
+def extend(
+    module: nn.Module, *, attention: str | None = None, batch_norm: str | None = None
+) -> nn.Module:
     """Prepare a model (or a loss, for GGN-MC) for HesScale estimates; returns it; idempotent.
 
     A model's ``forward`` may be any Python code over operations with a rule; the operations are
@@ -920,8 +953,13 @@ def extend(module: nn.Module, *, attention: str | None = None) -> nn.Module:
         attention: the query rule of attention, ``"centred"`` (the default: the cost of
             attention itself) or ``"exact"`` (exact given a diagonal Hessian at the attention
             output, ``d_v/2`` times attention's cost); see :mod:`hesscale.rules.attention`.
-            None keeps the model's current setting. Extending again with another value changes
-            it.
+        batch_norm: the weights of a Linear layer or convolution whose output only a train-mode
+            BatchNorm reads: ``"fused"`` (the default: differentiated through the batch
+            statistics, exact given a diagonal Hessian at the BatchNorm's output, about five
+            weight-gradient products instead of one) or ``"per-layer"`` (the layer rule alone);
+            see :mod:`hesscale.rules.normalization`.
+
+        None keeps the model's current setting; extending again with another value changes it.
 
     Raises:
         UnsupportedModuleError: naming the offending module's path and type and saying what is
@@ -929,18 +967,18 @@ def extend(module: nn.Module, *, attention: str | None = None) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"extend expects an nn.Module, got {type(module).__name__}")
-    settings = None if attention is None else Settings(attention=attention)
+    chosen = {k: v for k, v in (("attention", attention), ("batch_norm", batch_norm)) if v}
     if is_loss(module):
-        if settings is not None:
-            raise TypeError("attention= is a setting of a model's rules, not of a loss")
+        if chosen:
+            raise TypeError(f"{sorted(chosen)} are settings of a model's rules, not of a loss")
         check_loss(module)
         if not hasattr(module, _LOSS_STATE):
             setattr(module, _LOSS_STATE, True)
             module.register_forward_hook(_on_loss, with_kwargs=True)
         return module
     if hasattr(module, _STATE):
-        if settings is not None:
-            getattr(module, _STATE).settings = settings
+        state = getattr(module, _STATE)
+        state.settings = dataclasses.replace(state.settings, **chosen)
         return module
     if type(module).__name__ == "OptimizedModule" or hasattr(module, "_orig_mod"):
         raise UnsupportedModuleError(
@@ -948,8 +986,7 @@ def extend(module: nn.Module, *, attention: str | None = None) -> nn.Module:
             "record the forward pass. Extend and train the uncompiled model."
         )
     state = _ModelState(module)
-    if settings is not None:
-        state.settings = settings
+    state.settings = Settings(**chosen)
     module.register_forward_pre_hook(state.on_root_start)
     for sub in state.paths:
         if sub is module:

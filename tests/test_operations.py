@@ -552,3 +552,66 @@ def test_rms_norm_layer_is_exact_given_a_diagonal_output_hessian(normalized, aff
     model.zero_grad()
     _, gn = hesscale.diagonal(model, quadratic, x, target, method="hesscale_gn")
     assert_close_dicts(gn, ggn_diagonal(model, quadratic, x, target))
+
+
+class NormalizedLayer(nn.Module):
+    """A Linear layer or convolution of a fixed input, then a train-mode BatchNorm."""
+
+    def __init__(self, layer, norm, shape):
+        super().__init__()
+        self.layer, self.norm = layer.to(D), norm.to(D)
+        self.register_buffer("x", torch.randn(shape, dtype=D))
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, _):
+        return self.norm(self.layer(self.x))
+
+
+NORMALIZED_LAYERS = {
+    "linear": (lambda: nn.Linear(4, 3), lambda: nn.BatchNorm1d(3), (6, 4)),
+    "conv": (lambda: nn.Conv2d(2, 3, 3, padding=1), lambda: nn.BatchNorm2d(3), (3, 2, 4, 4)),
+    "conv-stride-groups": (
+        lambda: nn.Conv2d(4, 6, 3, stride=2, groups=2),
+        lambda: nn.BatchNorm2d(6),
+        (3, 4, 5, 5),
+    ),
+    "conv-same-even": (
+        lambda: nn.Conv2d(2, 3, 2, padding="same", bias=False),
+        lambda: nn.BatchNorm2d(3),
+        (2, 2, 3, 3),
+    ),
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3), lambda: nn.BatchNorm1d(3), (4, 2, 5)),
+}
+
+
+@pytest.mark.parametrize("name", NORMALIZED_LAYERS)
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn"])
+def test_weights_before_a_train_mode_batch_norm_are_exact_given_a_diagonal_output_hessian(
+    name, method
+):
+    """The fused rule differentiates the layer's weights through the batch statistics: exact
+    (and the bias exactly 0, its true value); the per-layer rule is not (a guard against a
+    vacuous check)."""
+    layer, norm, shape = NORMALIZED_LAYERS[name]
+    torch.manual_seed(0)
+    model = NormalizedLayer(layer(), norm(), shape)
+    out = model(None)
+    target = (torch.rand(out.shape, dtype=D) + 0.1, torch.randn(out.shape, dtype=D))
+    x = torch.zeros(1, dtype=D)
+    reference = exact_hessian_diagonal if method == "hesscale" else ggn_diagonal
+    import copy
+
+    frozen = copy.deepcopy(model)
+    torch.func.replace_all_batch_norm_modules_(frozen)  # the same forward, no running statistics
+    expected = reference(frozen, quadratic, x, target)
+    _, estimate = hesscale.diagonal(hesscale.extend(model), quadratic, x, target, method=method)
+    if "layer.bias" in estimate:  # the true value is 0 (up to the reference's rounding)
+        assert (estimate.pop("layer.bias") == 0).all()
+        bias = expected.pop("layer.bias")
+        assert bias.abs().max() < 1e-12 * expected["layer.weight"].abs().max()
+    assert_close_dicts(estimate, expected)
+    model.zero_grad()
+    hesscale.extend(model, batch_norm="per-layer")
+    _, per_layer = hesscale.diagonal(model, quadratic, x, target, method=method)
+    assert not torch.allclose(per_layer["layer.weight"], expected["layer.weight"], rtol=1e-3)

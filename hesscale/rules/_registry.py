@@ -54,6 +54,10 @@ class LayerContext:
         second_order: keep the second-order terms ``Σ_k g_k ∇²f_k`` of the layer (False for
             HesScaleGN inside the network).
         scratch: the model's pool of temporaries (see :func:`squared`), or None.
+        normalized: the train-mode batch normalisation that alone reads this call's output,
+            when the rule was registered with ``batch_norm=True`` and the model's setting is
+            ``batch_norm="fused"`` (a :class:`hesscale.rules.normalization.BatchStatistics`):
+            the rule differentiates its weights through it, and the bias's estimate is 0.
     """
 
     module: nn.Module
@@ -68,6 +72,7 @@ class LayerContext:
     saved: object = None
     second_order: bool = True
     scratch: dict | None = None
+    normalized: object = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class Backprop:
 
 
 ATTENTION_QUERY_RULES = ("centred", "exact")
+BATCH_NORM_RULES = ("fused", "per-layer")
 
 
 @dataclass(frozen=True)
@@ -91,16 +97,23 @@ class Settings:
             after centring the keys, ``T_q·T_k·d`` per head, the cost of attention itself.
             ``"exact"``: exact given a diagonal Hessian at the output, ``T_q·T_k·d_v·d`` per
             head (``d_v/2`` times attention's cost), for short contexts and quality studies.
+        batch_norm: the weights of a Linear layer or convolution whose output only a train-mode
+            BatchNorm reads (:mod:`hesscale.rules.normalization`). ``"fused"`` (default):
+            differentiated through the batch statistics, exact given a diagonal Hessian at the
+            BatchNorm's output, five weight-gradient products with the input and two with its
+            square instead of one. ``"per-layer"``: the layer rule alone.
     """
 
     attention: str = "centred"
+    batch_norm: str = "fused"
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_QUERY_RULES:
-            raise ValueError(
-                f"unknown attention rule {self.attention!r}; choose one of "
-                f"{list(ATTENTION_QUERY_RULES)}"
-            )
+        for name, value, allowed in (
+            ("attention", self.attention, ATTENTION_QUERY_RULES),
+            ("batch_norm", self.batch_norm, BATCH_NORM_RULES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} rule {value!r}; choose one of {list(allowed)}")
 
 
 @dataclass(slots=True)
@@ -168,13 +181,15 @@ class Rule:
     ``needs_output=False`` says that the rule reads only the output's shape and dtype: the
     engine then does not keep the module's output alive until the backward pass (autograd
     itself does not keep the output of a Linear layer or a convolution), and ``ctx.output``
-    is a tensor on the ``meta`` device.
+    is a tensor on the ``meta`` device. ``batch_norm=True`` says that the rule handles
+    ``ctx.normalized`` (a train-mode BatchNorm right after the layer).
     """
 
     backprop: RuleFn
     check: CheckFn | None = None
     capture: CaptureFn | None = None
     needs_output: bool = True
+    batch_norm: bool = False
 
 
 _LAYER_RULES: dict[type[nn.Module], Rule] = {}
@@ -187,6 +202,7 @@ def register_rule(
     check: CheckFn | None = None,
     capture: CaptureFn | None = None,
     needs_output: bool = True,
+    batch_norm: bool = False,
 ):
     """Register the HesScale rule of a layer type or of a custom autograd Function.
 
@@ -206,13 +222,16 @@ def register_rule(
             pass; its result is ``ctx.saved``.
         needs_output: layers only: False when the rule reads only the shape and dtype of
             ``ctx.output`` (then a ``meta`` tensor), which saves keeping the output alive.
+        batch_norm: layers only: the rule differentiates its weights through a train-mode
+            BatchNorm that follows it, given in ``ctx.normalized``.
     """
     if isinstance(target, type) and issubclass(target, nn.Module):
-        _LAYER_RULES[target] = Rule(backprop, check, capture, needs_output)
+        _LAYER_RULES[target] = Rule(backprop, check, capture, needs_output, batch_norm)
     elif isinstance(target, type) and issubclass(target, torch.autograd.Function):
-        if check is not None or capture is not None or not needs_output:
+        if check is not None or capture is not None or not needs_output or batch_norm:
             raise TypeError(
-                "check, capture and needs_output apply to layer rules, not to Function rules"
+                "check, capture, needs_output and batch_norm apply to layer rules, not to "
+                "Function rules"
             )
         _NODE_RULES[target] = backprop
     else:

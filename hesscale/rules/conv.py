@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import Backprop, LayerContext, NodeContext, operation_rule, register_rule, squared
+from .normalization import batch_normalized_weight_curvature
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -121,7 +122,30 @@ def conv_rule(ctx: LayerContext) -> Backprop:
         )
 
     s_out = ctx.curvature_output
-    s_in, s_w, s_b = backward(s_out, h, ctx.need_input_curvature, not ctx.individual)
+    normalized = ctx.normalized is not None and not transposed
+    s_in, s_w, s_b = backward(
+        s_out, h, ctx.need_input_curvature, not (ctx.individual or normalized)
+    )
+    if normalized:  # a train-mode BatchNorm reads the output: through its statistics
+
+        def products(u, squared_input):
+            x = squared(h, ctx.scratch, "input") if squared_input else h
+            return torch.ops.aten.convolution_backward(
+                u,
+                x,
+                module.weight,
+                None,
+                list(module.stride),
+                list(padding),
+                list(module.dilation),
+                False,
+                [0] * spatial,
+                module.groups,
+                [False, True, False],
+            )[1]
+
+        s_w = batch_normalized_weight_curvature(ctx.normalized, products, ctx.second_order)
+        s_b = torch.zeros_like(module.bias) if has_bias else None
     if ctx.individual:  # one weight backward per example
         parts = [backward(s_out[i : i + 1], h[i : i + 1], False) for i in range(len(s_out))]
         s_w = torch.stack([p[1] for p in parts])
@@ -169,4 +193,6 @@ def check_conv(module: nn.Module) -> str | None:
 
 
 for _conv in CONVOLUTIONS + TRANSPOSED:
-    register_rule(_conv, conv_rule, check_conv, needs_output=False)
+    register_rule(
+        _conv, conv_rule, check_conv, needs_output=False, batch_norm=_conv in CONVOLUTIONS
+    )

@@ -31,13 +31,27 @@ from ._registry import (
     squared,
     sum_to,
 )
+from .normalization import batch_normalized_weight_curvature
 
 
 def linear_rule(ctx: LayerContext) -> Backprop:
     """Eq. 4–5 for a fully connected layer; shapes ``h: (N, *, in)``, ``ŝ_a: (N, *, out)``."""
     module = ctx.module
     ws, weight, scratch = ctx.workspace, module.weight, ctx.scratch
-    if ctx.individual:  # per example n: Σ over the other positions t
+    if ctx.normalized is not None and ctx.input.dim() == 2:  # BatchNorm1d on (N, out)
+        x = ctx.input
+
+        def products(u, squared_input):
+            return u.reshape(-1, module.out_features).T @ (
+                squared(x, scratch, "input") if squared_input else x
+            )
+
+        params = {
+            "weight": batch_normalized_weight_curvature(ctx.normalized, products, ctx.second_order)
+        }
+        if module.bias is not None:
+            params["bias"] = torch.zeros_like(module.bias)
+    elif ctx.individual:  # per example n: Σ over the other positions t
         n = ctx.input.shape[0]
         s_out = ctx.curvature_output.reshape(n, -1, module.out_features)
         h_sq = squared(ctx.input.reshape(n, -1, module.in_features), scratch, "input")
@@ -109,4 +123,4 @@ def addmm_rule(ctx: NodeContext):
     return s_c, s_a, s_b
 
 
-register_rule(nn.Linear, linear_rule, needs_output=False)
+register_rule(nn.Linear, linear_rule, needs_output=False, batch_norm=True)

@@ -14,16 +14,31 @@ rule for the input is the closed form of ``Σ_k J_ki² ŝ_k`` and of the second-
 the parameter. BatchNorm in eval mode uses the running statistics, an element-wise affine map:
 ``ŝ_x = (γ r)² ŝ_y``, exact.
 
-These rules are exact for the operation. In a network, a train-mode BatchNorm couples the
-examples of a batch, so the Hessian at its input has entries between examples that the
-diagonal drops, and the layer before it is estimated less accurately than in a network without
-it; a rule for that layer's weight that differentiates through the normalisation is the known
-fix (not implemented yet). ``nn.RMSNorm`` has a layer rule (:func:`rms_norm_rule`);
-``F.rms_norm`` outside a module runs as element-wise operations whose fan-out drops cross
-terms.
+**The weights of the layer before a train-mode BatchNorm.** The batch statistics couple the
+examples: the Hessian at the BatchNorm's input has entries between examples, and the layer
+rule ``Σ_positions ŝ_a X²`` (which drops them) leaves networks with train-mode BatchNorm several
+times worse than plain ones. For a Linear layer or convolution ``a = X Wᵀ`` (``X``: its inputs,
+or their patches, one row per position of the group) whose only consumer is the BatchNorm, the
+weight's diagonal is instead differentiated through the normalisation
+(:func:`batch_normalized_weight_curvature`). Per channel, with ``X_c = X − X̄`` (centred over
+the group), ``m = x̂ᵀX/M``, ``B = mean_G g̃ x̂``:
+
+    ŝ_W = r² [s̃ᵀX_c² − 2m ⊙ (s̃x̂)ᵀX_c + m² Σ_G s̃x̂²]
+          + [second_order] r² [−2m ⊙ g̃ᵀX_c − B ‖X_c‖² + 3M B m²],
+
+exact given a diagonal ``ŝ_y`` (every term is a weight-gradient product with the layer's input:
+five for ``X``, two for ``X²``). The bias right before the BatchNorm gets exactly 0, its true
+value (the normalisation removes any shift). ``hesscale.extend(model, batch_norm="per-layer")``
+keeps the cheaper layer rule instead.
+
+``nn.RMSNorm`` has a layer rule (:func:`rms_norm_rule`); ``F.rms_norm`` outside a module runs as
+element-wise operations whose fan-out drops cross terms.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -124,6 +139,74 @@ def group_norm_rule(ctx: NodeContext):
     dims = (0,) + tuple(range(2, x.dim()))
     s_gamma, s_beta = _affine_curvatures(ctx, x_hat, (c,), dims)
     return s_x, s_gamma, s_beta
+
+
+@dataclass(frozen=True)
+class BatchStatistics:
+    """A train-mode batch normalisation of a layer's output, as the layer's weight rule needs
+    it: ``x̂`` (shaped like the output, channels in dimension 1), ``r = 1/σ`` broadcastable to
+    it, ``s̃ = γ² ŝ_y``, ``g̃ = γ g_y`` (None: no gradient), and the group's dimensions."""
+
+    x_hat: Tensor
+    rstd: Tensor
+    s: Tensor | None
+    g: Tensor | None
+    dims: tuple
+
+
+def batch_statistics(ctx: NodeContext) -> BatchStatistics:
+    """What :func:`batch_normalized_weight_curvature` needs of a train-mode BatchNorm node."""
+    x = ctx.saved("input")
+    dims = (0,) + tuple(range(2, x.dim()))
+    gamma = _per_channel(ctx.saved("weight"), x.dim())
+    rstd = _per_channel(ctx.saved("result2"), x.dim())
+    x_hat = (x - _per_channel(ctx.saved("result1"), x.dim())) * rstd
+    s, g = ctx.s, ctx.g
+    if gamma is not None:
+        s = None if s is None else squared(gamma) * s
+        g = None if g is None else gamma * g
+    return BatchStatistics(x_hat, rstd, s, g, dims)
+
+
+def batch_normalized_weight_curvature(
+    stats: BatchStatistics,
+    weight_products: Callable[[Tensor, bool], Tensor],
+    second_order: bool,
+) -> Tensor:
+    """``ŝ_W`` of the layer before a train-mode BatchNorm (the module docstring's formula).
+
+    ``weight_products(u, squared_input)`` is the layer's ``Σ_positions u ⊗ x`` for a tensor
+    ``u`` shaped like the layer's output (``x``: the input, or its patches; squared if asked),
+    shaped like the weight: ``uᵀX`` for a Linear layer, the weight gradient of a convolution.
+    """
+    x_hat, r, s, g = stats.x_hat, stats.rstd, stats.s, stats.g
+    m_count = 1
+    for d in stats.dims:
+        m_count *= x_hat.shape[d]
+    ones = torch.ones_like(x_hat)
+    x_sum = weight_products(ones, False)  # Σ_G X, per channel (its rows: X̄ M)
+    x_bar = x_sum / m_count
+    m = weight_products(x_hat, False) / m_count
+
+    def per_channel(t):  # a (C,) statistic as a column broadcasting over the weight
+        return t.reshape(-1, *([1] * (x_sum.dim() - 1)))
+
+    def total(t):
+        return per_channel(t.sum(stats.dims))
+
+    r_sq = per_channel(r.reshape(-1)) ** 2
+    result = torch.zeros_like(x_sum)
+    if s is not None:
+        s_x_sq = weight_products(s, True) - 2 * x_bar * weight_products(s, False)
+        s_x_sq = s_x_sq + squared(x_bar) * total(s)
+        s_xhat = weight_products(s * x_hat, False) - x_bar * total(s * x_hat)
+        result = result + s_x_sq - 2 * m * s_xhat + squared(m) * total(s * squared(x_hat))
+    if second_order and g is not None:
+        b = per_channel((g * x_hat).mean(stats.dims))
+        g_x = weight_products(g, False) - x_bar * total(g)
+        norms = weight_products(ones, True) - m_count * squared(x_bar)
+        result = result - 2 * m * g_x - b * norms + 3 * m_count * b * squared(m)
+    return r_sq * result
 
 
 @operation_rule("NativeBatchNormBackward0")
