@@ -2,7 +2,8 @@
 
 hesscale reproduce            Fig. 1 (approximation quality), then Fig. 2 (cost)
 hesscale reproduce fig1 [--out DIR] [--seeds N] [--examples N]
-                        [--architecture mlp|residual|gated|cnn|lm|transformer|gpt]
+                        [--architecture mlp|residual|gated|cnn|resnet|lm|transformer|gpt]
+                        [--trained STEPS]
 hesscale reproduce fig2 [--out DIR] [--full] [--batch-size B] [--loss mse|ce]
                         [--include-forward] [--rounds R] [--device cpu|cuda]
 hesscale train --problem P --optimizer O --lr LR [...]   one run on a DeepOBS problem
@@ -20,13 +21,18 @@ def _fig1(args) -> None:
     from .experiments import fig1
 
     default = "results/fig1" if args.architecture == "mlp" else f"results/fig1-{args.architecture}"
-    out = args.out or default
+    out = args.out or (default + (f"-trained{args.trained}" if args.trained else ""))
     summary = fig1.run(
-        out, seeds=args.seeds, examples=args.examples, architecture=args.architecture
+        out,
+        seeds=args.seeds,
+        examples=args.examples,
+        architecture=args.architecture,
+        trained=args.trained,
     )
+    regime = f"after {args.trained} steps of Adam" if args.trained else "at initialisation"
     print(
-        f"\nFig. 1 ({args.architecture}): mean L1 error over {args.seeds} initialisations, "
-        "relative to HesScale"
+        f"\nFig. 1 ({args.architecture}, {regime}): mean L1 error over {args.seeds} "
+        "initialisations, relative to HesScale"
     )
     print(fig1.table(summary))
     print(f"written: {out}/fig1.json, fig1a.png, fig1b.png")
@@ -202,10 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     group1.add_argument(
         "--architecture",
         default="mlp",
-        choices=["mlp", "residual", "gated", "cnn", "lm", "transformer", "gpt"],
+        choices=["mlp", "residual", "gated", "cnn", "resnet", "lm", "transformer", "gpt"],
         help="the paper's MLP (default) or a graph of about the same size: residual MLP, gated "
-        "(SwiGLU) MLP, residual CNN, tiny LM with tied embeddings, pre-LN transformer encoder "
-        "layer, one-block GPT",
+        "(SwiGLU) MLP, residual CNN, ResNet with train-mode BatchNorm (each example a batch of "
+        "8), tiny LM with tied embeddings, pre-LN transformer encoder layer, one-block GPT",
+    )
+    group1.add_argument(
+        "--trained",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="measure after STEPS steps of full-batch Adam on a teacher network's labels "
+        "(default 0: at initialisation, the paper's protocol)",
     )
     group2 = reproduce.add_argument_group("fig2")
     group2.add_argument("--full", action="store_true", help="panel (b) up to 128 hidden layers")

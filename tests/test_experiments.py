@@ -1,5 +1,6 @@
 """The reproduction commands on tiny settings: files, structure, resumption."""
 
+import copy
 import json
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 import hesscale
 from hesscale.cli import main
 from hesscale.experiments import fig1, fig2
+
+D = torch.float64
 
 
 def test_fig1_writes_results_and_resumes_with_the_same_numbers(tmp_path, capsys):
@@ -134,3 +137,34 @@ def test_fig1_graph_seed_uses_per_example_estimates_that_match_single_examples()
         _, single = hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1])
         for k in single:
             torch.testing.assert_close(batch[k][i], single[k])
+
+
+def test_fig1_resnet_measures_batches_and_both_batch_norm_rules():
+    """Train-mode BatchNorm couples the examples: each 'example' is a batch of 8, whose error is
+    against the exact diagonal of the batch's loss; the per-layer BN rule is a row of its own."""
+    from hesscale.experiments.networks import TinyResNet
+
+    result = fig1.run_seed(1, examples=2, architecture="resnet")
+    assert result["GGN-MC1"] is None and result["KFAC-MC1"] is None  # BatchNorm weights
+    assert result["HesScale, per-layer BN"]["normalized"] > 1.0
+    torch.manual_seed(1)
+    model = TinyResNet().double()
+    x, y = fig1.ARCHITECTURES["resnet"].data(torch.Generator().manual_seed(10_001), 16, D)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    reference = copy.deepcopy(model)
+    torch.func.replace_all_batch_norm_modules_(reference)
+    total = 0.0
+    for xb, yb in zip(x.split(8), y.split(8)):
+        _, est = hesscale.diagonal(model, loss_fn, xb, yb)
+        _, exact = hesscale.diagonal(reference, loss_fn, xb, yb, method="exact")
+        total += sum((est[k] - exact[k]).abs().sum() for k in est).item()
+    assert result["HesScale"]["total"] == pytest.approx(total / 2, rel=1e-9)
+
+
+def test_fig1_after_training_is_kept_apart_and_labelled(tmp_path):
+    summary = fig1.run(tmp_path, seeds=1, examples=3, architecture="gpt", trained=5)
+    assert summary["config"]["trained"] == 5
+    assert next((tmp_path / "seeds").glob("gpt_trained5_seed_0000_*.json"))
+    assert "HesScale, exact attention" in summary["methods"]
+    at_init = fig1.run_seed(0, examples=3, architecture="gpt")
+    assert at_init["HesScale"]["total"] != summary["methods"]["HesScale"]["total"][0]

@@ -14,18 +14,29 @@ parameters outside layers with per-example rules). Each initialisation's result 
 atomically to ``seeds/``; a rerun skips finished seeds.
 
 ``architecture`` asks the same question of graphs (:data:`ARCHITECTURES`): a residual MLP, a
-gated (SwiGLU) MLP, a residual CNN, a tiny language model with tied embeddings, a pre-LN
-transformer encoder layer and a one-block GPT (causal attention, tied head), all of about the
-Fig. 1 size. The references (exact diagonals, GGN, Hutchinson, g²) differentiate attention with
-PyTorch's math kernel; the engine sees the fused kernel where PyTorch uses it. A method that
-does not apply to a network (KFAC-MC beyond Linear layers) is reported as not defined.
+gated (SwiGLU) MLP, a residual CNN, a ResNet with train-mode BatchNorm, a tiny language model
+with tied embeddings, a pre-LN transformer encoder layer and a one-block GPT (causal
+attention, tied head), all of about the Fig. 1 size. The references (exact diagonals, GGN,
+Hutchinson, g²) differentiate attention with PyTorch's math kernel; the engine sees the fused
+kernel where PyTorch uses it. A method that does not apply to a network (KFAC-MC beyond Linear
+layers, GGN-MC on normalisation weights) is reported as not defined. Train-mode BatchNorm
+couples the examples of a batch, so on the ResNet each "example" is a batch of 8 and its loss
+the batch's summed cross-entropy. Where a network has a rule with variants, the other variant
+is a row of its own (``HesScale, exact attention``; ``HesScale, per-layer BN``).
+
+``trained=T`` measures after ``T`` steps of full-batch Adam (lr 1e-2) on 256 examples labelled
+by a teacher network of the same architecture (another initialisation), on fresh examples
+labelled by the same teacher: the regime where curvature is no longer that of random weights.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,6 +57,7 @@ from .networks import (
     ResidualTanhMLP,
     TinyGPT,
     TinyLM,
+    TinyResNet,
     TinyTransformer,
     fig1_network,
 )
@@ -91,16 +103,36 @@ def _tokens(generator, n, dtype):
     return ids, torch.randint(0, 10, (n, 4), generator=generator)
 
 
-# name: (network factory, data factory (generator, examples, dtype) -> inputs, labels)
-ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable]] = {
-    "mlp": (fig1_network, _vectors),
-    "residual": (lambda: ResidualTanhMLP(6, 16, 2, 10), _vectors),
-    "gated": (GatedMLP, _vectors),
-    "cnn": (ResidualCNN, _images),
-    "lm": (TinyLM, _tokens),
-    "transformer": (TinyTransformer, _sequences),
-    "gpt": (TinyGPT, _tokens),
+@dataclass(frozen=True)
+class Architecture:
+    """A network of the protocol: its factory, its data ``(generator, examples, dtype) ->
+    (inputs, labels)``, how many examples share one loss (train-mode BatchNorm couples them),
+    and the labels of the rule variants (:data:`VARIANTS`) that apply to it."""
+
+    make: Callable[[], nn.Module]
+    data: Callable
+    group: int = 1
+    variants: tuple[str, ...] = ()
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "mlp": Architecture(fig1_network, _vectors),
+    "residual": Architecture(lambda: ResidualTanhMLP(6, 16, 2, 10), _vectors),
+    "gated": Architecture(GatedMLP, _vectors),
+    "cnn": Architecture(ResidualCNN, _images),
+    "resnet": Architecture(TinyResNet, _images, group=8, variants=("HesScale, per-layer BN",)),
+    "lm": Architecture(TinyLM, _tokens),
+    "transformer": Architecture(
+        TinyTransformer, _sequences, variants=("HesScale, exact attention",)
+    ),
+    "gpt": Architecture(TinyGPT, _tokens, variants=("HesScale, exact attention",)),
 }
+# label: the settings of hesscale.extend under which HesScale runs for that row
+VARIANTS: dict[str, dict] = {
+    "HesScale, exact attention": {"attention": "exact"},
+    "HesScale, per-layer BN": {"batch_norm": "per-layer"},
+}
+DEFAULT_SETTINGS = {"attention": "centred", "batch_norm": "fused"}
 
 
 def _layers(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -120,11 +152,16 @@ def _math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _single_example_loss(model, loss_fn) -> Callable:
+def _loss_of_group(model, loss_fn) -> Callable:
     def loss(params, x, y):
-        return loss_fn(functional_call(model, params, (x.unsqueeze(0),)), y.unsqueeze(0))
+        return loss_fn(functional_call(model, params, (x,)), y)
 
     return loss
+
+
+def _groups(t: Tensor, group: int) -> Tensor:
+    """``(n, ...)`` as ``(n / group, group, ...)``: the examples that share one loss."""
+    return t.reshape(len(t) // group, group, *t.shape[1:])
 
 
 def _chunked(fn: Callable, *args: Tensor) -> dict[str, Tensor]:
@@ -132,68 +169,92 @@ def _chunked(fn: Callable, *args: Tensor) -> dict[str, Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _per_example(diagonal_fn, model, loss_fn, x, y) -> dict[str, Tensor]:
-    """A reference diagonal of :mod:`hesscale.reference` for every example, vmapped."""
+def _per_group(diagonal_fn, model, loss_fn, x, y, group: int = 1) -> dict[str, Tensor]:
+    """A reference diagonal of :mod:`hesscale.reference` for every group of examples."""
 
-    def one(xi, yi):
-        return diagonal_fn(model, loss_fn, xi.unsqueeze(0), yi.unsqueeze(0))
+    def one(xg, yg):
+        return diagonal_fn(model, loss_fn, xg, yg)
 
-    return _chunked(vmap(one), x, y)
-
-
-def per_example_exact(model, loss_fn, x, y) -> dict[str, Tensor]:
-    """``diag(∇²_θ ℓ_n)`` for every example ``n``."""
-    return _per_example(exact_hessian_diagonal, model, loss_fn, x, y)
+    return _chunked(vmap(one), _groups(x, group), _groups(y, group))
 
 
-def per_example_ggn(model, loss_fn, x, y) -> dict[str, Tensor]:
-    """The exact GGN diagonal of every example."""
-    return _per_example(ggn_diagonal, model, loss_fn, x, y)
+def per_example_exact(model, loss_fn, x, y, group: int = 1) -> dict[str, Tensor]:
+    """``diag(∇²_θ ℓ_n)`` for every example (or group of examples) ``n``."""
+    return _per_group(exact_hessian_diagonal, model, loss_fn, x, y, group)
 
 
-def per_example_hutchinson(model, loss_fn, x, y, samples, generator) -> dict[str, Tensor]:
-    """AdaHessian's ``z ⊙ Hz`` per example, ``samples`` Rademacher probes each."""
+def per_example_ggn(model, loss_fn, x, y, group: int = 1) -> dict[str, Tensor]:
+    """The exact GGN diagonal of every example (or group)."""
+    return _per_group(ggn_diagonal, model, loss_fn, x, y, group)
+
+
+def per_example_hutchinson(
+    model, loss_fn, x, y, samples, generator, group: int = 1
+) -> dict[str, Tensor]:
+    """AdaHessian's ``z ⊙ Hz`` per example (or group), ``samples`` Rademacher probes each."""
     params = {n: p.detach() for n, p in model.named_parameters()}
-    loss = _single_example_loss(model, loss_fn)
+    loss = _loss_of_group(model, loss_fn)
+    xs, ys = _groups(x, group), _groups(y, group)
     probes = rademacher_like(
-        {n: p.expand(len(x), *p.shape) for n, p in params.items()}, samples, generator
+        {n: p.expand(len(xs), *p.shape) for n, p in params.items()}, samples, generator
     )
     probes = {n: z.transpose(0, 1) for n, z in probes.items()}  # (N, k, *shape)
 
-    def one(xi, yi, zi):
-        return hutchinson_from_probes(lambda p: loss(p, xi, yi), params, zi)
+    def one(xg, yg, zg):
+        return hutchinson_from_probes(lambda p: loss(p, xg, yg), params, zg)
 
     parts = []
-    for i in range(0, len(x), CHUNK):
+    for i in range(0, len(xs), CHUNK):
         sl = slice(i, i + CHUNK)
-        parts.append(vmap(one)(x[sl], y[sl], {n: z[sl] for n, z in probes.items()}))
+        parts.append(vmap(one)(xs[sl], ys[sl], {n: z[sl] for n, z in probes.items()}))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def per_example_grad_sq(model, loss_fn, x, y) -> dict[str, Tensor]:
-    """``g_n ⊙ g_n`` with ``g_n`` each example's gradient."""
+def per_example_grad_sq(model, loss_fn, x, y, group: int = 1) -> dict[str, Tensor]:
+    """``g_n ⊙ g_n`` with ``g_n`` each example's (or group's) gradient."""
     params = {n: p.detach() for n, p in model.named_parameters()}
-    grads = vmap(grad(_single_example_loss(model, loss_fn)), (None, 0, 0))(params, x, y)
+    loss = _loss_of_group(model, loss_fn)
+    grads = vmap(grad(loss), (None, 0, 0))(params, _groups(x, group), _groups(y, group))
     return {n: g * g for n, g in grads.items()}
 
 
-def estimate(label, method, samples, model, loss_fn, x, y, generator) -> dict[str, Tensor]:
-    """Per-example estimates ``{name: (N, *shape)}`` of one method of the figure, or None where
-    the method is not defined for the network."""
+@contextmanager
+def _settings(model: nn.Module, settings: dict):
+    """``hesscale.extend(model, **settings)`` inside, the defaults after."""
+    hesscale.extend(model, **settings)
+    try:
+        yield
+    finally:
+        hesscale.extend(model, **DEFAULT_SETTINGS)
+
+
+def estimate(
+    label, method, samples, model, loss_fn, x, y, generator, group: int = 1, reference=None
+) -> dict[str, Tensor]:
+    """Estimates ``{name: (N, *shape)}`` of one method of the figure, one per example (or group
+    of ``group`` examples), or None where the method is not defined for the network.
+    ``reference`` is the model torch.func differentiates (train-mode BatchNorm without
+    running statistics); the engine runs ``model``."""
+    reference = model if reference is None else reference
     if method in ("hesscale", "hesscale_gn", "bl89", "ggn_mc"):
         options = dict(method=method, samples=samples, generator=generator)
-        try:
-            return hesscale.diagonal(model, loss_fn, x, y, individual=True, **options)[1]
-        except UnsupportedModuleError:  # parameters outside per-example layers: one by one
+        with _settings(model, VARIANTS.get(label, {})):
+            if group == 1:
+                try:
+                    return hesscale.diagonal(model, loss_fn, x, y, individual=True, **options)[1]
+                except UnsupportedModuleError:  # parameters outside per-example layers
+                    pass
             try:
-                singles = [
-                    hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1], **options)[1]
-                    for i in range(len(x))
+                parts = [
+                    hesscale.diagonal(model, loss_fn, xg, yg, **options)[1]
+                    for xg, yg in zip(_groups(x, group), _groups(y, group))
                 ]
             except UnsupportedModuleError:  # GGN-MC on parameters outside layers
                 return None
-            return {k: torch.stack([e[k] for e in singles]) for k in singles[0]}
+        return {k: torch.stack([e[k] for e in parts]) for k in parts[0]}
     if method == "kfac_mc":
+        if group != 1:
+            return None
         try:
             _, result = kfac_mc(
                 model, loss_fn, x, y, samples=samples, generator=generator, individual=True
@@ -203,26 +264,65 @@ def estimate(label, method, samples, model, loss_fn, x, y, generator) -> dict[st
         return result
     with _math_attention():  # torch.func differentiates attention's math kernel
         if method == "ggn":
-            return per_example_ggn(model, loss_fn, x, y)
+            return per_example_ggn(reference, loss_fn, x, y, group)
         if method == "hutchinson":
-            return per_example_hutchinson(model, loss_fn, x, y, samples, generator)
+            return per_example_hutchinson(reference, loss_fn, x, y, samples, generator, group)
         if method == "grad_sq":
-            return per_example_grad_sq(model, loss_fn, x, y)
+            return per_example_grad_sq(reference, loss_fn, x, y, group)
     raise ValueError(f"unknown method {method!r} of label {label!r}")
 
 
-def run_seed(seed: int, examples: int, dtype=torch.float64, architecture: str = "mlp") -> dict:
-    """One initialisation: per method, the mean (over examples) L1 error, total and per layer
-    (None for a method not defined for the network)."""
-    make, data_fn = ARCHITECTURES[architecture]
+def teach(model: nn.Module, spec: Architecture, seed: int, steps: int, dtype) -> Callable:
+    """Train ``model`` for ``steps`` full-batch Adam steps (lr 1e-2) on 256 examples labelled by
+    a teacher of the same architecture; return ``labels(x)``, the teacher's labels."""
+    torch.manual_seed(100_000 + seed)
+    teacher = spec.make().to(dtype).eval()
+
+    @torch.no_grad()
+    def labels(x):
+        return teacher(x).argmax(1)
+
+    x, _ = spec.data(torch.Generator().manual_seed(30_000 + seed), 256, dtype)
+    y = labels(x)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return labels
+
+
+def methods_of(architecture: str) -> list[tuple[str, str, int]]:
+    """The rows of the figure for a network: :data:`METHODS` and its rule variants."""
+    variants = [(label, "hesscale", 1) for label in ARCHITECTURES[architecture].variants]
+    return METHODS[:1] + variants + METHODS[1:]
+
+
+def run_seed(
+    seed: int,
+    examples: int,
+    dtype=torch.float64,
+    architecture: str = "mlp",
+    trained: int = 0,
+) -> dict:
+    """One initialisation: per method, the mean (over examples, or groups of examples) L1
+    error, total and per layer (None for a method not defined for the network); after
+    ``trained`` steps of training on a teacher's labels when ``trained > 0``."""
+    spec = ARCHITECTURES[architecture]
     torch.manual_seed(seed)
-    model = make().to(dtype)
+    model = spec.make().to(dtype)
     data = torch.Generator().manual_seed(10_000 + seed)
-    x, y = data_fn(data, examples, dtype)
+    x, y = spec.data(data, examples * spec.group, dtype)
+    if trained:
+        y = teach(model, spec, seed, trained, dtype)(x)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     layers = _layers(model)
+    reference = copy.deepcopy(model)
+    torch.func.replace_all_batch_norm_modules_(reference)  # the same train-mode forward
     with _math_attention():
-        exact = per_example_exact(model, loss_fn, x, y)
+        exact = per_example_exact(reference, loss_fn, x, y, spec.group)
 
     def errors(est: dict[str, Tensor]) -> dict[str, float]:
         per_layer = {
@@ -233,9 +333,9 @@ def run_seed(seed: int, examples: int, dtype=torch.float64, architecture: str = 
 
     result = {REFERENCE: errors({n: torch.zeros_like(v) for n, v in exact.items()})}
     noise = torch.Generator().manual_seed(20_000 + seed)
-    for label, method, samples in METHODS:
+    for label, method, samples in methods_of(architecture):
         model.zero_grad(set_to_none=True)
-        est = estimate(label, method, samples, model, loss_fn, x, y, noise)
+        est = estimate(label, method, samples, model, loss_fn, x, y, noise, spec.group, reference)
         result[label] = None if est is None else errors(est)
     base = result["HesScale"]["total"]
     for entry in result.values():
@@ -249,8 +349,12 @@ def run(
     seeds: int = 40,
     examples: int = 1000,
     architecture: str = "mlp",
+    trained: int = 0,
 ) -> dict:
-    """Run (or resume) the whole protocol; write ``fig1.json`` and the plots; return the summary."""
+    """Run (or resume) the whole protocol; write ``fig1.json`` and the plots; return the summary.
+
+    On the ResNet each example is a batch of 8 (see the module docstring); ``trained`` steps of
+    training come first when positive."""
     if architecture not in ARCHITECTURES:
         raise ValueError(
             f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}"
@@ -263,19 +367,24 @@ def run(
         "examples": examples,
         "dtype": "float64",
         "architecture": architecture,
+        "trained": trained,
+        "group": ARCHITECTURES[architecture].group,
     }
-    tag = "" if architecture == "mlp" else f"{architecture}_"
+    tag = ("" if architecture == "mlp" else f"{architecture}_") + (
+        f"trained{trained}_" if trained else ""
+    )
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     start = time.perf_counter()
     paths = [seed_dir / f"{tag}seed_{seed:04d}_n{examples}.json" for seed in range(seeds)]
     with progress(total=seeds, desc=f"fig1 ({architecture}) initialisations", unit="init") as bar:
         for seed, path in enumerate(paths):
             if not path.exists():
-                errors = run_seed(seed, examples, architecture=architecture)
+                errors = run_seed(seed, examples, architecture=architecture, trained=trained)
                 atomic_write_json(path, {"seed": seed, "examples": examples, "errors": errors})
             bar.update(1)
     per_seed = [read_json(path, "Fig. 1 seed result")["errors"] for path in paths]
-    labels = [REFERENCE] + [label for label, _, _ in METHODS if per_seed[0][label] is not None]
+    rows = methods_of(architecture)
+    labels = [REFERENCE] + [label for label, _, _ in rows if per_seed[0][label] is not None]
     summary = {
         "config": config,
         "environment": environment_record(),
@@ -293,7 +402,7 @@ def run(
             for label in labels
         },
     }
-    summary["not_defined"] = [label for label, _, _ in METHODS if per_seed[0][label] is None]
+    summary["not_defined"] = [label for label, _, _ in rows if per_seed[0][label] is None]
     atomic_write_json(out / "fig1.json", summary)
     plot(summary, out)
     return summary
@@ -321,8 +430,11 @@ def plot(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = summary["methods"]
-    labels = [label for label, _, _ in METHODS if label in methods] + [REFERENCE]
     architecture = summary["config"].get("architecture", "mlp")
+    labels = [label for label, _, _ in methods_of(architecture) if label in methods] + [REFERENCE]
+    trained = summary["config"].get("trained", 0)
+    regime = f"after {trained} steps of Adam" if trained else "at initialization"
+    unit = "batch of 8" if summary["config"].get("group", 1) > 1 else "example"
     seeds = len(methods["HesScale"]["normalized"])
     fig, ax = plt.subplots(figsize=(11, 4.5))
     for i, label in enumerate(labels):
@@ -344,7 +456,8 @@ def plot(summary: dict, out: Path) -> None:
     ax.set_ylabel("normalized L1 error (HesScale = 1)")
     missing = summary.get("not_defined", [])
     ax.set_title(
-        f"Hessian-diagonal approximation error, {architecture} network, {seeds} initializations"
+        f"Hessian-diagonal approximation error, {architecture} network {regime}, "
+        f"{seeds} initializations, error per {unit}"
         + (f"\n(not defined here: {', '.join(missing)})" if missing else "")
     )
     ax.grid(axis="y", which="both", alpha=0.3)
@@ -400,7 +513,7 @@ def plot(summary: dict, out: Path) -> None:
     if any("MC1" in lb for lb in labels):
         notes.append("hatched: 1 Monte-Carlo sample, plain: 50")
     ax.set_title(
-        f"Layer-wise error, {architecture} network, mean over initializations"
+        f"Layer-wise error, {architecture} network {regime}, mean over initializations"
         + ("\n(" + "; ".join(notes) + ")" if notes else ""),
         fontsize=10,
     )
@@ -410,4 +523,14 @@ def plot(summary: dict, out: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["ARCHITECTURES", "METHODS", "REFERENCE", "run", "run_seed", "table", "plot"]
+__all__ = [
+    "ARCHITECTURES",
+    "METHODS",
+    "REFERENCE",
+    "VARIANTS",
+    "methods_of",
+    "plot",
+    "run",
+    "run_seed",
+    "table",
+]

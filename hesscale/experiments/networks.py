@@ -100,6 +100,28 @@ class ResidualCNN(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+class TinyResNet(nn.Module):
+    """A ResNet on 1×6×6 images, BatchNorm in train mode (batch statistics): a stem of
+    Conv → BatchNorm → ReLU, one basic block (two 3×3 Conv → BatchNorm, the second added to
+    the skip path before the ReLU), global average pooling, a linear head. Convolutions
+    before a BatchNorm have no bias, as in ResNets."""
+
+    def __init__(self, channels: int = 4, outputs: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, outputs)
+
+    def forward(self, x):
+        h = torch.relu(self.bn0(self.stem(x)))
+        h = torch.relu(h + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(h))))))
+        return self.head(h.mean((2, 3)))
+
+
 class TinyLM(nn.Module):
     """A language-model head: token and position embeddings, a tanh MLP on the residual stream,
     and an output layer tied to the token embedding. Returns ``(N, vocab, T)`` logits."""
