@@ -55,11 +55,11 @@ from .networks import (
     GatedMLP,
     ResidualCNN,
     ResidualTanhMLP,
-    TinyGPT,
     TinyLM,
     TinyResNet,
     TinyTransformer,
     fig1_network,
+    tiny_gpt,
 )
 
 REFERENCE = "|diag(H)|"
@@ -125,7 +125,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "transformer": Architecture(
         TinyTransformer, _sequences, variants=("HesScale, exact attention",)
     ),
-    "gpt": Architecture(TinyGPT, _tokens, variants=("HesScale, exact attention",)),
+    "gpt": Architecture(tiny_gpt, _tokens, variants=("HesScale, exact attention",)),
 }
 # label: the settings of hesscale.extend under which HesScale runs for that row
 VARIANTS: dict[str, dict] = {

@@ -156,30 +156,91 @@ class TinyTransformer(nn.Module):
         return self.head(self.layer(self.embed(x) + self.pos[: x.shape[1]]).mean(1))
 
 
-class TinyGPT(nn.Module):
-    """A one-block GPT: token and position embeddings, pre-LN causal self-attention (2 heads)
-    and GELU MLP on the residual stream, a final LayerNorm and an output layer tied to the
-    token embedding. Returns ``(N, vocab, T)`` logits (per-token cross-entropy)."""
+class GPTBlock(nn.Module):
+    """A pre-LN transformer block: causal multi-head self-attention
+    (``F.scaled_dot_product_attention``) and a GELU MLP of 4× the width, each on the residual
+    stream."""
 
-    def __init__(self, vocab: int = 10, width: int = 8, context: int = 4, heads: int = 2):
+    def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.tok = nn.Embedding(vocab, width)
-        self.pos = nn.Parameter(torch.randn(context, width) * 0.1)
-        self.ln1, self.ln2, self.ln_f = (
-            nn.LayerNorm(width),
-            nn.LayerNorm(width),
-            nn.LayerNorm(width),
-        )
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
 
-    def forward(self, ids):
-        n, t = ids.shape
-        h = self.tok(ids) + self.pos[:t]
-        q, k, v = self.qkv(self.ln1(h)).split(h.shape[-1], dim=-1)
+    def forward(self, h):
+        n, t, width = h.shape
+        q, k, v = self.qkv(self.ln1(h)).split(width, dim=-1)
         q, k, v = (z.view(n, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
         a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.proj(a.transpose(1, 2).reshape(n, t, -1))
-        h = h + self.fc2(nn.functional.gelu(self.fc1(self.ln2(h))))
+        h = h + self.proj(a.transpose(1, 2).reshape(n, t, width))
+        return h + self.fc2(nn.functional.gelu(self.fc1(self.ln2(h))))
+
+
+class GPT(nn.Module):
+    """A GPT: token and learned position embeddings, ``layers`` pre-LN blocks, a final
+    LayerNorm and an output layer tied to the token embedding (GPT-2's shape with
+    ``vocab=50257, width=768, layers=12, heads=12``). Returns ``(N, vocab, T)`` logits, for
+    per-token cross-entropy against ``(N, T)`` targets."""
+
+    def __init__(self, vocab: int, width: int, context: int, heads: int, layers: int):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(context, width) * 0.1)
+        self.blocks = nn.ModuleList(GPTBlock(width, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            h = block(h)
         return nn.functional.linear(self.ln_f(h), self.tok.weight).transpose(1, 2)
+
+
+def tiny_gpt() -> GPT:
+    """A one-block GPT of the Fig. 1 size: 10 tokens, width 8, context 4, 2 heads."""
+    return GPT(vocab=10, width=8, context=4, heads=2, layers=1)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3×3 Conv → BatchNorm (ReLU between), added to the input (or to
+    its 1×1 Conv → BatchNorm projection when the stride or width changes), then a ReLU."""
+
+    def __init__(self, inputs: int, outputs: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(outputs)
+        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(outputs)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inputs != outputs:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
+            )
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for small images (CIFAR's variant: a 3×3 stem without max pooling), four
+    stages of two basic blocks of 64, 128, 256 and 512 channels, global average pooling and a
+    linear head; 11.2M parameters for 3-channel inputs and 10 classes."""
+
+    def __init__(self, classes: int = 10, channels: int = 3, width: int = 64):
+        super().__init__()
+        self.stem = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        blocks, inputs = [], width
+        for i, outputs in enumerate(widths):
+            for j in range(2):
+                blocks.append(BasicBlock(inputs, outputs, 2 if i > 0 and j == 0 else 1))
+                inputs = outputs
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(inputs, classes)
+
+    def forward(self, x):
+        h = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.head(h.mean((2, 3)))
