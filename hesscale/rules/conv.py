@@ -127,24 +127,33 @@ def conv_rule(ctx: LayerContext) -> Backprop:
         s_out, h, ctx.need_input_curvature, not (ctx.individual or normalized)
     )
     if normalized:  # a train-mode BatchNorm reads the output: through its statistics
+        groups = module.groups
 
-        def products(u, squared_input):
+        def weight_gradient(u, squared_input, weight):
             x = squared(h, ctx.scratch, "input") if squared_input else h
             return torch.ops.aten.convolution_backward(
                 u,
                 x,
-                module.weight,
+                weight,
                 None,
                 list(module.stride),
                 list(padding),
                 list(module.dilation),
                 False,
                 [0] * spatial,
-                module.groups,
+                groups,
                 [False, True, False],
             )[1]
 
-        s_w = batch_normalized_weight_curvature(ctx.normalized, products, ctx.second_order)
+        def products(u, squared_input):
+            return weight_gradient(u, squared_input, module.weight)
+
+        def sums(squared_input):  # u = 1: one output channel per group, then repeated
+            ones = s_out.new_ones(s_out.shape[0], groups, *s_out.shape[2:])
+            total = weight_gradient(ones, squared_input, module.weight[:groups])
+            return total.repeat_interleave(module.out_channels // groups, 0)
+
+        s_w = batch_normalized_weight_curvature(ctx.normalized, products, sums, ctx.second_order)
         s_b = torch.zeros_like(module.bias) if has_bias else None
     if ctx.individual:  # one weight backward per example
         parts = [backward(s_out[i : i + 1], h[i : i + 1], False) for i in range(len(s_out))]

@@ -46,8 +46,13 @@ def linear_rule(ctx: LayerContext) -> Backprop:
                 squared(x, scratch, "input") if squared_input else x
             )
 
+        def sums(squared_input):
+            return (squared(x, scratch, "input") if squared_input else x).sum(0, keepdim=True)
+
         params = {
-            "weight": batch_normalized_weight_curvature(ctx.normalized, products, ctx.second_order)
+            "weight": batch_normalized_weight_curvature(
+                ctx.normalized, products, sums, ctx.second_order
+            )
         }
         if module.bias is not None:
             params["bias"] = torch.zeros_like(module.bias)

@@ -171,6 +171,7 @@ def batch_statistics(ctx: NodeContext) -> BatchStatistics:
 def batch_normalized_weight_curvature(
     stats: BatchStatistics,
     weight_products: Callable[[Tensor, bool], Tensor],
+    input_sums: Callable[[bool], Tensor],
     second_order: bool,
 ) -> Tensor:
     """``ŝ_W`` of the layer before a train-mode BatchNorm (the module docstring's formula).
@@ -178,35 +179,36 @@ def batch_normalized_weight_curvature(
     ``weight_products(u, squared_input)`` is the layer's ``Σ_positions u ⊗ x`` for a tensor
     ``u`` shaped like the layer's output (``x``: the input, or its patches; squared if asked),
     shaped like the weight: ``uᵀX`` for a Linear layer, the weight gradient of a convolution.
+    ``input_sums(squared_input)`` is the same for ``u = 1`` (``Σ_positions x``), which needs no
+    product per channel. The two terms that ``m = x̂ᵀX/M`` multiplies share one product, so
+    the rule costs four products (one with ``X²``) where the layer rule costs one.
     """
     x_hat, r, s, g = stats.x_hat, stats.rstd, stats.s, stats.g
     m_count = 1
     for d in stats.dims:
         m_count *= x_hat.shape[d]
-    ones = torch.ones_like(x_hat)
-    x_sum = weight_products(ones, False)  # Σ_G X, per channel (its rows: X̄ M)
-    x_bar = x_sum / m_count
     m = weight_products(x_hat, False) / m_count
+    x_bar = input_sums(False) / m_count
 
-    def per_channel(t):  # a (C,) statistic as a column broadcasting over the weight
-        return t.reshape(-1, *([1] * (x_sum.dim() - 1)))
+    def total(t):  # Σ over the group, per channel, as a column broadcasting over the weight
+        return t.sum(stats.dims).reshape(-1, *([1] * (m.dim() - 1)))
 
-    def total(t):
-        return per_channel(t.sum(stats.dims))
-
-    r_sq = per_channel(r.reshape(-1)) ** 2
-    result = torch.zeros_like(x_sum)
-    if s is not None:
-        s_x_sq = weight_products(s, True) - 2 * x_bar * weight_products(s, False)
-        s_x_sq = s_x_sq + squared(x_bar) * total(s)
-        s_xhat = weight_products(s * x_hat, False) - x_bar * total(s * x_hat)
-        result = result + s_x_sq - 2 * m * s_xhat + squared(m) * total(s * squared(x_hat))
-    if second_order and g is not None:
-        b = per_channel((g * x_hat).mean(stats.dims))
-        g_x = weight_products(g, False) - x_bar * total(g)
-        norms = weight_products(ones, True) - m_count * squared(x_bar)
-        result = result - 2 * m * g_x - b * norms + 3 * m_count * b * squared(m)
-    return r_sq * result
+    second = second_order and g is not None
+    result = torch.zeros_like(m)
+    if s is not None:  # r² [s̃ᵀX_c² − 2m ⊙ (s̃x̂)ᵀX_c + m² Σ s̃x̂²]
+        s_x_hat = s * x_hat
+        result = result + weight_products(s, True) - 2 * x_bar * weight_products(s, False)
+        result = result + squared(x_bar) * total(s) + squared(m) * total(s_x_hat * x_hat)
+    if s is not None or second:  # −2m ⊙ [(s̃x̂)ᵀX_c + g̃ᵀX_c] in one product
+        u = s_x_hat if s is not None else None
+        if second:
+            u = g if u is None else u + g
+        result = result - 2 * m * (weight_products(u, False) - x_bar * total(u))
+    if second:  # r² [− B ‖X_c‖² + 3M B m²]
+        b = total(g * x_hat) / m_count
+        norms = input_sums(True) - m_count * squared(x_bar)
+        result = result - b * norms + 3 * m_count * b * squared(m)
+    return squared(r.reshape(-1, *([1] * (m.dim() - 1)))) * result
 
 
 @operation_rule("NativeBatchNormBackward0")
