@@ -13,8 +13,10 @@ layer), or GPT-2 small itself from Hugging Face ``transformers`` (``--model hf-g
 
 Rounds are interleaved (a fresh random order each round) and medians reported. The optimizers
 run with a tiny step size (1e-6) and without the guard: the update's arithmetic does not depend
-on the step size, and random data must not end a timing run. ``--settings`` times the rule
-variants too (the per-layer BatchNorm rule, exact attention queries).
+on the step size, and random data must not end a timing run. AdaHessian differentiates twice,
+which PyTorch's fused CPU attention kernel does not support: its steps run attention's math
+kernel. ``--settings`` times the rule variants too (the per-layer BatchNorm rule, exact
+attention queries).
 
     python benchmarks/model_cost.py [--models resnet18 gpt2] [--batch 128 --context 256]
                                     [--rounds 3] [--device cuda] [--json out.json]
@@ -23,13 +25,14 @@ variants too (the per-layer BatchNorm rule, exact attention queries).
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
 import os
 import platform
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hesscale
 from hesscale.experiments.networks import GPT, ResNet18
@@ -59,13 +62,13 @@ def build(name: str, context: int):
     return model, (lambda b: torch.randint(0, 50257, (b, context))), 50257, None
 
 
-def kept(model: nn.Module, opt=None) -> int:
-    """Bytes that live between steps: the parameters, their estimates, the engine's buffers and
-    the optimizer's state (distinct storages)."""
+def kept(model: nn.Module, opt=None, engine: bool = True) -> int:
+    """Bytes that live between steps: the parameters, the optimizer's state and, where the
+    engine ran, the estimates and its buffers (distinct storages)."""
     tensors = list(model.parameters())
-    tensors += [p.hess_diag for p in model.parameters() if hasattr(p, "hess_diag")]
-    state = getattr(model, "_hesscale_state", None)
-    if state is not None:
+    state = model._hesscale_state
+    if engine:
+        tensors += [p.hess_diag for p in model.parameters() if hasattr(p, "hess_diag")]
         tensors += [t for ws in state.workspaces.values() for t in ws.values()]
         tensors += list(state.scratch.values())
     if opt is not None:
@@ -118,11 +121,14 @@ def measure(name: str, args) -> dict:
         variants[", per-layer BN" if name == "resnet18" else ", exact attention"] = (
             {"batch_norm": "per-layer"} if name == "resnet18" else {"attention": "exact"}
         )
-    plain = copy.deepcopy(base)
-    models = {label: hesscale.extend(copy.deepcopy(base), **s) for label, s in variants.items()}
+    # one model for every run (a GPT-2-sized model and four optimizers' states fill 24 GB when
+    # copied); a run chooses the rule variant and the estimate it asks for
+    model = hesscale.extend(base)
+    defaults = {"attention": "centred", "batch_norm": "fused"}
 
-    def forward_backward(model, method=None):
+    def forward_backward(method=None, settings=None):
         def run():
+            hesscale.extend(model, **{**defaults, **(settings or {})})
             hesscale.request(model.parameters(), method)
             model.zero_grad(set_to_none=True)
             loss_of(model).backward()
@@ -130,40 +136,44 @@ def measure(name: str, args) -> dict:
 
         return run
 
-    def training_step(model, cls, create_graph=False):
+    def training_step(cls, settings=None, create_graph=False):
         options = {} if cls is torch.optim.AdamW else {"guard": False}
         opt = cls(model.parameters(), lr=1e-6, **options)
+        method = getattr(opt, "method", None)
+        hesscale.request(model.parameters(), None)
 
         def run():
-            if hasattr(opt, "method"):
-                hesscale.request(model.parameters(), opt.method)
+            hesscale.extend(model, **{**defaults, **(settings or {})})
+            hesscale.request(model.parameters(), method)
             opt.zero_grad(set_to_none=True)
-            loss_of(model).backward(create_graph=create_graph)
-            opt.step()
-            if hasattr(opt, "method"):
-                hesscale.request(model.parameters(), None)
+            # AdaHessian differentiates twice: PyTorch's fused CPU attention kernel has no
+            # second derivative, its math kernel has
+            with sdpa_kernel(SDPBackend.MATH) if create_graph else contextlib.nullcontext():
+                loss_of(model).backward(create_graph=create_graph)
+                opt.step()
+            hesscale.request(model.parameters(), None)
 
         return run, opt
 
-    fns = {"forward+backward": forward_backward(plain)}
-    owners = {"forward+backward": (plain, None)}
-    for label, model in models.items():
+    fns = {"forward+backward": forward_backward()}
+    owners = {"forward+backward": None}
+    for label, settings in variants.items():
         for method, title in (("hesscale", "HesScale"), ("hesscale_gn", "HesScaleGN")):
-            fns[f"estimate {title}{label}"] = forward_backward(model, method)
-            owners[f"estimate {title}{label}"] = (model, None)
-    steps = {"AdamW": (copy.deepcopy(base), torch.optim.AdamW, False)}
-    for label, model in models.items():
-        steps[f"AdaHesScale{label}"] = (copy.deepcopy(model), AdaHesScale, False)
-        steps[f"AdaHesScaleGN{label}"] = (copy.deepcopy(model), AdaHesScaleGN, False)
-    steps["AdaHessian"] = (copy.deepcopy(base), AdaHessian, True)
-    for label, (model, cls, create_graph) in steps.items():
-        fns[f"step {label}"], opt = training_step(model, cls, create_graph)
-        owners[f"step {label}"] = (model, opt)
+            fns[f"estimate {title}{label}"] = forward_backward(method, settings)
+            owners[f"estimate {title}{label}"] = None
+    steps = {"AdamW": (torch.optim.AdamW, None, False)}
+    for label, settings in variants.items():
+        steps[f"AdaHesScale{label}"] = (AdaHesScale, settings, False)
+        steps[f"AdaHesScaleGN{label}"] = (AdaHesScaleGN, settings, False)
+    steps["AdaHessian"] = (AdaHessian, None, True)
+    for label, (cls, settings, create_graph) in steps.items():
+        fns[f"step {label}"], owners[f"step {label}"] = training_step(cls, settings, create_graph)
     times = interleaved_times(fns, rounds=args.rounds, warmup=1, device=args.device)
-    memory = {
-        label: peak_memory(fn, args.device) + kept(*owners[label]) for label, fn in fns.items()
-    }
-    n = sum(p.numel() for p in plain.parameters())
+    memory = {}
+    for label, fn in fns.items():
+        engine = label.startswith("estimate") or label.startswith("step AdaHesScale")
+        memory[label] = peak_memory(fn, args.device) + kept(model, owners[label], engine)
+    n = sum(p.numel() for p in model.parameters())
     print(
         f"\n{name}: {n / 1e6:.1f}M parameters, batch {batch}"
         + ("" if name == "resnet18" else f" × {args.context} tokens")

@@ -168,3 +168,17 @@ def test_fig1_after_training_is_kept_apart_and_labelled(tmp_path):
     assert "HesScale, exact attention" in summary["methods"]
     at_init = fig1.run_seed(0, examples=3, architecture="gpt")
     assert at_init["HesScale"]["total"] != summary["methods"]["HesScale"]["total"][0]
+
+
+def test_peak_memory_counts_each_allocation_once():
+    """Two 4 MB tensors alive at once, then one freed before a third: 8 MB at the peak (an
+    operation's total memory includes what the operations it calls allocate)."""
+    from hesscale.experiments.timing import peak_memory
+
+    def fn():
+        a = torch.randn(1000, 1000)
+        b = torch.nn.functional.linear(a, a)
+        del a
+        return b * 2
+
+    assert peak_memory(fn) == pytest.approx(8e6, rel=0.05)

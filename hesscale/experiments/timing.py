@@ -84,7 +84,10 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    # each operation's own allocations and frees (an operation's total includes those of the
+    # operations it calls, which would count them twice)
     events = sorted(
-        (e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start
+        (e for e in prof.events() if e.self_cpu_memory_usage != 0),
+        key=lambda e: e.time_range.start,
     )
-    return max(itertools.accumulate((e.cpu_memory_usage for e in events), initial=0))
+    return max(itertools.accumulate((e.self_cpu_memory_usage for e in events), initial=0))
