@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The prepared device check of issue #6, for a machine with a CUDA GPU (about 5 minutes):
-# the ground-truth tests parametrized over devices, then the Fig. 2 and step-cost ratios to Adam
-# on the GPU. Writes logs and JSON to ${OUT:-gpu_check}/.
+# The prepared device check for a machine with a CUDA GPU (about 10 minutes): the ground-truth
+# tests parametrized over devices, then the Fig. 2 and step-cost ratios to Adam, the engine's
+# cost over a plain forward+backward, and ResNet-18 / GPT-2-shaped steps, on the GPU. Writes logs and JSON to ${OUT:-gpu_check}/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check}
@@ -14,7 +14,7 @@ python benchmarks/step_cost.py --device cuda --rounds 20 --problems fmnist_2c2d 
   | tee "$out/step_cost.log"
 python -m hesscale.cli reproduce fig2 --device cuda --out "$out/fig2" --rounds 30 2>&1 \
   | tail -20 | tee "$out/fig2.log"
-if python -c "import transformers" 2>/dev/null; then
-  python benchmarks/hf_cost.py --device cuda --context 512 --batch 8 --rounds 10 2>&1 \
-    | tee "$out/hf_cost.log"
-fi
+python benchmarks/model_cost.py --models resnet18 gpt2 --device cuda --batch 8 --context 512 \
+  --rounds 5 --settings --json "$out/model_cost.json" 2>&1 | tee "$out/model_cost.log"
+python benchmarks/engine_cost.py --device cuda --rounds 10 --networks "L=4" "L=16" residual \
+  --json "$out/engine_cost.json" 2>&1 | tee "$out/engine_cost.log"
