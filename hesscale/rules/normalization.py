@@ -46,29 +46,48 @@ from torch import Tensor, nn
 from ._registry import Backprop, LayerContext, NodeContext, operation_rule, register_rule, squared
 
 
+def normalized(x: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """``x̂ = (x − μ) r`` in one pass, as ``x r − μ r``."""
+    return torch.addcmul(-mean * rstd, x, rstd)
+
+
 def normalization_input_curvature(
     x_hat: Tensor, r: Tensor, s_y, g_y, gamma, dims: tuple, second_order: bool
 ) -> Tensor | None:
-    """The input rule above; ``dims`` are the group's dimensions, ``gamma`` broadcasts."""
+    """The input rule above; ``dims`` are the group's dimensions, ``gamma`` broadcasts.
+
+    The rule is evaluated as ``r² [s̃ (c₁ − c₂ x̂²) + k₀ + x̂ (k₁ + k₂ x̂)] − (2r²/M) x̂ g̃`` with
+    per-group coefficients ``c₁ = 1 − 2/M``, ``c₂ = 2/M``, ``k₀ = S₀/M² + b (1/M − 1)``,
+    ``k₁ = 2S₁/M² + 2a/M``, ``k₂ = S₂/M² + 3b/M`` (the ``a, b`` terms: ``second_order``), in
+    fused multiply-adds: about 17 passes over the tensor instead of 35; on CPU the passes,
+    not the arithmetic, are the cost of this rule."""
     m = 1
     for d in dims:
         m *= x_hat.shape[d]
     r_sq = r * r
+    if s_y is None and not (second_order and g_y is not None):
+        return None
+    k0 = k1 = k2 = 0.0
     s_in = None
     if s_y is not None:
         s_t = s_y if gamma is None else squared(gamma) * s_y
-        s0 = s_t.sum(dims, keepdim=True)
-        s1 = (x_hat * s_t).sum(dims, keepdim=True)
-        s2 = (x_hat * x_hat * s_t).sum(dims, keepdim=True)
-        x_sq = x_hat * x_hat
-        s_in = s_t * (1 - 2 * (1 + x_sq) / m) + (s0 + 2 * x_hat * s1 + x_sq * s2) / (m * m)
+        s_x = x_hat * s_t
+        k0 = s_t.sum(dims, keepdim=True) / (m * m)
+        k1 = 2 * s_x.sum(dims, keepdim=True) / (m * m)
+        k2 = (s_x * x_hat).sum(dims, keepdim=True) / (m * m)
+        scale = torch.addcmul((1 - 2 / m) * r_sq, x_hat * x_hat, -(2 / m) * r_sq)  # r²(c₁ − c₂x̂²)
+        s_in = s_t * scale
     if second_order and g_y is not None:
-        g_t = g_y if gamma is None else gamma * g_y
-        a = g_t.mean(dims, keepdim=True)
-        b = (g_t * x_hat).mean(dims, keepdim=True)
-        term = -(2 * x_hat / m) * (g_t - a - x_hat * b) - b * (1 - (1 + x_hat * x_hat) / m)
-        s_in = term if s_in is None else s_in + term
-    return None if s_in is None else s_in * r_sq
+        factor = -(2 / m) * r_sq  # the x̂ g̃ term's coefficient, folded into g̃
+        g_r = g_y * (factor if gamma is None else gamma * factor)
+        a = g_r.mean(dims, keepdim=True) / factor
+        b = (g_r * x_hat).mean(dims, keepdim=True) / factor
+        k0 = k0 + b * (1 / m - 1)
+        k1 = k1 + 2 * a / m
+        k2 = k2 + 3 * b / m
+        s_in = x_hat * g_r if s_in is None else s_in.addcmul_(x_hat, g_r)
+    s_in.add_(k0 * r_sq)
+    return s_in.addcmul_(x_hat, torch.addcmul(k1 * r_sq, x_hat, k2 * r_sq))
 
 
 def _affine_curvatures(ctx: NodeContext, x_hat: Tensor, param_shape, param_dims):
@@ -91,7 +110,7 @@ def layer_norm_rule(ctx: NodeContext):
     weight = ctx.saved("weight")
     k = len(ctx.saved("normalized_shape"))
     dims = tuple(range(x.dim() - k, x.dim()))
-    x_hat = (x - mean) * rstd
+    x_hat = normalized(x, mean, rstd)
     s_x = None
     if ctx.needs[0]:
         s_x = normalization_input_curvature(
@@ -116,7 +135,7 @@ def group_norm_rule(ctx: NodeContext):
     mean, rstd = ctx.saved("result1"), ctx.saved("result2")
     weight = ctx.saved("weight")
     grouped = x.reshape(n, groups, -1)
-    x_hat = ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape)
+    x_hat = normalized(grouped, mean.unsqueeze(-1), rstd.unsqueeze(-1)).reshape(x.shape)
     gamma = _per_channel(weight, x.dim())
     s_x = None
     if ctx.needs[0]:
@@ -160,7 +179,7 @@ def batch_statistics(ctx: NodeContext) -> BatchStatistics:
     dims = (0,) + tuple(range(2, x.dim()))
     gamma = _per_channel(ctx.saved("weight"), x.dim())
     rstd = _per_channel(ctx.saved("result2"), x.dim())
-    x_hat = (x - _per_channel(ctx.saved("result1"), x.dim())) * rstd
+    x_hat = normalized(x, _per_channel(ctx.saved("result1"), x.dim()), rstd)
     s, g = ctx.s, ctx.g
     if gamma is not None:
         s = None if s is None else squared(gamma) * s
@@ -222,7 +241,7 @@ def batch_norm_rule(ctx: NodeContext):
     if ctx.saved("training"):
         mean = _per_channel(ctx.saved("result1"), x.dim())
         rstd = _per_channel(ctx.saved("result2"), x.dim())
-        x_hat = (x - mean) * rstd
+        x_hat = normalized(x, mean, rstd)
         s_x = None
         if ctx.needs[0]:
             s_x = normalization_input_curvature(
@@ -231,7 +250,7 @@ def batch_norm_rule(ctx: NodeContext):
     else:
         mean = _per_channel(ctx.saved("running_mean"), x.dim())
         rstd = _per_channel(torch.rsqrt(ctx.saved("running_var") + ctx.saved("eps")), x.dim())
-        x_hat = (x - mean) * rstd
+        x_hat = normalized(x, mean, rstd)
         scale = rstd if gamma is None else gamma * rstd
         s_x = squared(scale) * ctx.s if ctx.needs[0] and ctx.s is not None else None
     s_gamma, s_beta = _affine_curvatures(ctx, x_hat, (x.shape[1],), dims)
