@@ -49,7 +49,7 @@ def build(name: str, context: int):
         model = ResNet18()
         return model, (lambda b: torch.randn(b, 3, 32, 32)), 10, nn.CrossEntropyLoss()
     if name == "gpt2":
-        model = GPT(vocab=50257, width=768, context=context, heads=12, layers=12)
+        model = GPT(vocab=50257, width=768, context=context, heads=12, layers=12, gpt2_init=True)
         return model, (lambda b: torch.randint(0, 50257, (b, context))), 50257, None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers

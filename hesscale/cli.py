@@ -74,6 +74,7 @@ def _train(args) -> None:
         seed=args.seed,
         padding=args.padding,
         max_batches=args.max_batches,
+        text_file=args.text_file,
     )
     record = train(
         config, args.out, data_dir=args.data_dir, download=args.download, device=args.device
@@ -100,6 +101,7 @@ def _tune(args) -> None:
         download=args.download,
         device=args.device,
         eps=args.eps,
+        text_file=args.text_file,
     )
     print(report(summary))
     print(
@@ -186,6 +188,11 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         "--download", action="store_true", help="download missing data files (checksums verified)"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--text-file",
+        default=None,
+        help="text problems: train on this UTF-8 text file instead of Shakespeare's plays",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,11 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument(
         "--budget",
-        choices=["default", "paper", "sensitivity", "tiny"],
+        choices=["default", "paper", "quick", "sensitivity", "tiny"],
         default="default",
         help="default: 2 epochs, 4 step sizes grown while the best is on the edge, β₁ ∈ {0, 0.9} "
         "× β₂ ∈ {0.99, 0.999, 0.9999}, the best rerun over 3 seeds; paper: the problem's full "
-        "epochs, 7 step sizes, 30 seeds; sensitivity: 2 epochs, one step size per decade over "
+        "epochs, 7 step sizes, 30 seeds; quick: 2 epochs of 100 batches, 3 step sizes, β = (0.9, "
+        "0.999), 1 seed; "
+        "sensitivity: 2 epochs, one step size per decade over "
         "6 decades, β = (0.9, 0.999), 3 seeds (robustness to the step size); tiny: 1 epoch of "
         "3 batches, 2 step sizes, one β pair, 2 seeds (a smoke test)",
     )

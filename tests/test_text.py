@@ -71,3 +71,31 @@ def test_character_corpus_splits_and_windows():
     assert windows.shape == (5, 4)
     for w in windows:  # consecutive characters of the text
         assert ((w[1:] - w[:-1]) % 3 == 1).all()
+
+
+def test_read_text_prefers_ones_own_file_then_tiny_shakespeare(tmp_path):
+    from hesscale.experiments.text import TINY_SHAKESPEARE, read_text
+
+    _archive(tmp_path / FOLDER, {TEXTS + "lear_gut.txt": b"Nothing will come of nothing."})
+    assert read_text(tmp_path) == "Nothing will come of nothing."
+    (tmp_path / FOLDER / TINY_SHAKESPEARE).write_text("First Citizen:\nBefore we proceed")
+    assert read_text(tmp_path) == "First Citizen:\nBefore we proceed"
+    own = tmp_path / "mine.txt"
+    own.write_bytes("Ünïcode prose".encode())
+    assert read_text(tmp_path, text_file=own) == "Ünïcode prose"
+    with pytest.raises(DataError, match="does not exist"):
+        read_text(tmp_path, text_file=tmp_path / "missing.txt")
+
+
+def test_text_splits_are_windows_of_bytes_and_their_next_bytes():
+    from hesscale.experiments.text import text_splits
+
+    text = "".join(chr(97 + i % 26) for i in range(4000)) + "é"  # one two-byte character
+    splits = text_splits(text, context=8, train_windows=32, eval_windows=4)
+    x, y = splits.train
+    assert x.shape == y.shape == (32, 8) and x.dtype == torch.long
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])  # the targets are the next bytes
+    assert int(x.max()) < 256 and splits.valid[0].shape == splits.test[0].shape == (4, 8)
+    assert splits.train_eval[0].shape == (4, 8) and not splits.augment
+    with pytest.raises(DataError, match="too short"):
+        text_splits("too short", context=8)

@@ -1,5 +1,6 @@
 """Problems, training runs (with kill-and-resume) and tuning, on small synthetic data."""
 
+import dataclasses
 import json
 import math
 
@@ -132,8 +133,7 @@ def test_area_under_validation_loss_selects_the_best():
 
 
 def test_tune_round_trip_resumes_after_a_kill(tmp_path, monkeypatch):
-    monkeypatch.setattr(tune_module, "load", lambda *a, **k: None)
-    monkeypatch.setattr(tune_module, "deepobs_splits", lambda *a, **k: _splits())
+    monkeypatch.setattr(tune_module, "splits_for", lambda *a, **k: _splits())
     calls = {"trained": 0}
     original = tune_module.train
 
@@ -183,8 +183,7 @@ def test_range_grows_on_the_edge_the_best_lies_on():
 def test_tune_extends_the_step_sizes_until_the_best_is_inside(tmp_path, monkeypatch):
     """A method that wants steps 100x smaller than its range: two extensions find the optimum
     at 1e-7, a third one step beyond it confirms it, then the search stops."""
-    monkeypatch.setattr(tune_module, "load", lambda *a, **k: None)
-    monkeypatch.setattr(tune_module, "deepobs_splits", lambda *a, **k: None)
+    monkeypatch.setattr(tune_module, "splits_for", lambda *a, **k: None)
     budget = tune_module.Budget(epochs=1, lr_points=4, seeds=2, betas=((0.9, 0.999),), extend=5)
     monkeypatch.setitem(tune_module.BUDGETS, "extending", budget)
     tried = []
@@ -230,12 +229,11 @@ def test_tune_with_another_eps_is_kept_apart(tmp_path, monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("the bad ε must be refused before any data is read")
 
-    monkeypatch.setattr(tune_module, "load", no_data)
+    monkeypatch.setattr(tune_module, "splits_for", no_data)
     with pytest.raises(ValueError, match="eps"):
         tune_module.tune(problem="fmnist_mlp", optimizers=["adam"], eps=-1.0, out=tmp_path)
 
-    monkeypatch.setattr(tune_module, "load", lambda *a, **k: None)
-    monkeypatch.setattr(tune_module, "deepobs_splits", lambda *a, **k: None)
+    monkeypatch.setattr(tune_module, "splits_for", lambda *a, **k: None)
     seen = []
 
     def fake_train(config, out, splits, device="cpu"):
@@ -251,3 +249,33 @@ def test_tune_with_another_eps_is_kept_apart(tmp_path, monkeypatch):
     assert summary["eps"] == 1e-6 and (tmp_path / "fmnist_mlp_eps1e-06" / "summary.json").exists()
     assert not (tmp_path / "fmnist_mlp").exists()
     assert "ε = 1e-06" in tune_module.report(summary)
+
+
+@pytest.mark.parametrize("optimizer", ["adahesscale-scaled", "adahessian"])
+def test_a_character_gpt_trains_on_a_text_file_of_ones_own(tmp_path, optimizer):
+    """The text problem: byte windows of a user's file, per-token cross-entropy and accuracy;
+    AdaHessian differentiates attention twice on its math kernel."""
+    text = tmp_path / "poem.txt"
+    text.write_text("Shall I compare thee to a summer's day?\n" * 300)
+    config = _config(
+        problem="shakespeare_gpt",
+        optimizer=optimizer,
+        epochs=1,
+        batch_size=4,
+        max_batches=2,
+        text_file=str(text),
+    )
+    record = train(config, tmp_path / "runs", show_progress=False)
+    assert record["status"] == "finished"
+    assert 0.0 <= record["curves"]["test_acc"][-1] <= 1.0
+    assert record["curves"]["train_eval_loss"][0] > 0
+    other = dataclasses.replace(config, text_file=None)
+    assert other.name() != config.name()  # another corpus, another record
+
+
+def test_resnet_problem_builds_for_its_images():
+    from hesscale.experiments.problems import build_network, get_problem
+
+    problem = get_problem("fmnist_resnet")
+    model = build_network(problem)
+    assert model(torch.zeros(2, *problem.input_shape)).shape == (2, 10)

@@ -181,14 +181,38 @@ class GPT(nn.Module):
     """A GPT: token and learned position embeddings, ``layers`` pre-LN blocks, a final
     LayerNorm and an output layer tied to the token embedding (GPT-2's shape with
     ``vocab=50257, width=768, layers=12, heads=12``). Returns ``(N, vocab, T)`` logits, for
-    per-token cross-entropy against ``(N, T)`` targets."""
+    per-token cross-entropy against ``(N, T)`` targets.
 
-    def __init__(self, vocab: int, width: int, context: int, heads: int, layers: int):
+    ``gpt2_init``: GPT-2's initialisation (weights and embeddings N(0, 0.02²), the projections
+    into the residual stream scaled by 1/√(2·layers), zero biases), without which the tied
+    output layer starts with logits of standard deviation ≈ √width; otherwise PyTorch's
+    defaults (the Fig. 1 protocol's random networks)."""
+
+    def __init__(
+        self,
+        vocab: int,
+        width: int,
+        context: int,
+        heads: int,
+        layers: int,
+        gpt2_init: bool = False,
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Parameter(torch.randn(context, width) * 0.1)
         self.blocks = nn.ModuleList(GPTBlock(width, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width)
+        if gpt2_init:
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                elif p.dim() > 1 or name == "pos":
+                    std = (
+                        0.02 / (2 * layers) ** 0.5
+                        if name.endswith(("proj.weight", "fc2.weight"))
+                        else 0.02
+                    )
+                    nn.init.normal_(p, std=std)
 
     def forward(self, ids):
         h = self.tok(ids) + self.pos[: ids.shape[1]]

@@ -29,11 +29,12 @@ class Problem:
     paper_epochs: int
     l2: float
     classes: int
+    context: int | None = None  # text problems: tokens per example
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """One example's shape: (channels, height, width) of the data set's images."""
-        return IMAGE_SHAPES[self.dataset]
+        """One example's shape: (channels, height, width) of the images, or (context,)."""
+        return (self.context,) if self.context is not None else IMAGE_SHAPES[self.dataset]
 
 
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -153,6 +154,22 @@ def all_cnn_c(padding: str = "valid", activation=nn.ELU, classes: int = 100) -> 
     return net
 
 
+def resnet(classes: int, channels: int, width: int) -> nn.Module:
+    """ResNet-18 for small images (:class:`~hesscale.experiments.networks.ResNet18`): BatchNorm
+    in train mode, PyTorch's default initialisation."""
+    from .networks import ResNet18
+
+    return ResNet18(classes, channels, width)
+
+
+def char_gpt(context: int) -> nn.Module:
+    """A character-level GPT over bytes (:class:`~hesscale.experiments.networks.GPT`) sized for
+    CPUs: 4 pre-LN blocks of width 64, 4 heads, a tied output layer, GPT-2's initialisation."""
+    from .networks import GPT
+
+    return GPT(vocab=256, width=64, context=context, heads=4, layers=4, gpt2_init=True)
+
+
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in (
@@ -178,6 +195,10 @@ PROBLEMS: dict[str, Problem] = {
             0.002,
             100,
         ),
+        # beyond the paper: a ResNet (narrow for CPUs on Fashion-MNIST) and a character-level GPT
+        Problem("fmnist_resnet", "fmnist", lambda pad: resnet(10, 1, 16), 128, 10, 0.0, 10),
+        Problem("cifar10_resnet18", "cifar10", lambda pad: resnet(10, 3, 64), 128, 100, 0.0, 10),
+        Problem("shakespeare_gpt", "shakespeare", lambda pad: char_gpt(64), 32, 10, 0.0, 256, 64),
         Problem(
             "cifar100_allcnnc",
             "cifar100",

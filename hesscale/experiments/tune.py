@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hesscale.optim import OPTIMIZERS
 
-from .data import deepobs_splits, load
+from .data import splits_for
 from .io import atomic_write_json, environment_record
 from .plots import eps_suffix, plot_tune
 from .problems import get_problem
@@ -66,6 +66,8 @@ BUDGETS = {
     "default": Budget(epochs=2, lr_points=4, seeds=3, extend=3),
     "paper": Budget(epochs=None, lr_points=7, seeds=30, extend=3),
     "tiny": Budget(epochs=1, lr_points=2, seeds=2, betas=((0.9, 0.999),), max_batches=3),
+    # a first look on CPUs: two epochs of 100 batches, three step sizes, the default betas
+    "quick": Budget(epochs=2, lr_points=3, seeds=1, betas=((0.9, 0.999),), max_batches=100),
     # robustness to the step size: six decades, one step size per decade, the default betas
     "sensitivity": Budget(epochs=2, lr_points=None, seeds=3, betas=((0.9, 0.999),), widen=1),
 }
@@ -132,6 +134,7 @@ def tune(
     download: bool = False,
     device: str = "cpu",
     eps: float | None = None,
+    text_file=None,
 ) -> dict:
     """Search, select, rerun and plot; returns the summary written to ``out/summary.json``.
 
@@ -144,7 +147,7 @@ def tune(
     plan = BUDGETS[budget]
     epochs = plan.epochs or spec.paper_epochs
     out = Path(out) / (problem if eps is None else f"{problem}_eps{eps:g}")
-    splits = deepobs_splits(load(spec.dataset, data_dir, download), spec.dataset)
+    splits = splits_for(spec.dataset, data_dir, download, spec.context, text_file)
     summary: dict = {
         "problem": problem,
         "budget": budget,
@@ -167,6 +170,7 @@ def tune(
             seed=seed,
             padding=padding,
             max_batches=plan.max_batches,
+            text_file=None if text_file is None else str(text_file),
             **adaptive,
         )
 
