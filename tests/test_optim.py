@@ -453,3 +453,20 @@ def test_sophia_refuses_bad_settings():
         Sophia(model.parameters(), estimator="kfac")
     with pytest.raises(ValueError, match="Invalid gamma value: 0"):
         Sophia(model.parameters(), gamma=0)
+
+
+def test_the_guard_reads_the_parameters_only_when_its_bound_cannot_clear_an_update(monkeypatch):
+    """Ordinary steps cost one norm of the update; a blow-up after them is still refused."""
+    import hesscale.optim._functional as functional
+
+    model, loss_fn, x, y = _problem()
+    opt = Adam(model.parameters(), lr=1e-3)
+    _train(model, loss_fn, x, y, opt, 3)  # the first step reads the parameters' norm
+    calls = []
+    real = functional._norms
+    monkeypatch.setattr(functional, "_norms", lambda ts: calls.append(len(ts)) or real(ts))
+    _train(model, loss_fn, x, y, opt, 10)
+    assert len(calls) == 10  # the update's norms only
+    opt.param_groups[0]["lr"] = 1e6  # an update 100x the parameters' norm
+    with pytest.raises(UpdateError, match="would grow the parameters' norm"):
+        _train(model, loss_fn, x, y, opt, 1)

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, loss_factor, request
 from .._floating import flush_denormals
 from ._distributed import EstimateReducer
-from ._functional import apply_updates, check_updates, curvature_adam, step_scale
+from ._functional import NormBound, apply_updates, check_updates, curvature_adam, step_scale
 
 
 def _check(condition: bool, message: str) -> None:
@@ -120,6 +120,7 @@ class CurvatureAdam(Optimizer):
         self.bucket_cap_mb = bucket_cap_mb
         self.process_group = process_group
         self._consumed: dict[int, int] = {}
+        self._norm_bound = NormBound()  # the guard's lower bound of the parameters' norm
         self._reducers: dict[int, EstimateReducer] = {}
         for group in self.param_groups:
             self._request(group, self._wants_estimate(group))
@@ -144,6 +145,7 @@ class CurvatureAdam(Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
+        self._norm_bound = NormBound()
         for group in self.param_groups:
             self._request(group, self._wants_estimate(group))
 
@@ -202,7 +204,7 @@ class CurvatureAdam(Optimizer):
                     f"of {type(self).__name__}"
                 )
 
-            check_updates(directions, scales, where)
+            check_updates(directions, scales, where, self._norm_bound)
         apply_updates(directions, scales)
 
     def _update_options(self, group) -> dict:

@@ -26,7 +26,9 @@ authors' code uses the moving average before its bias correction in ``d``; after
 steps the two agree.)
 
 **The guard**: before anything is written, an update that is not finite, or whose norm exceeds
-100 times the parameters' norm, raises :class:`UpdateError` naming the parameter.
+100 times the parameters' norm, raises :class:`UpdateError` naming the parameter. It reads
+the update once per step; the parameters' norm is kept as a lower bound between steps
+(:class:`NormBound`) and read again when the bound cannot clear an update, or every 100 steps.
 """
 
 from __future__ import annotations
@@ -156,39 +158,67 @@ def step_scale(directions: list[Direction], delta: float, max_scale: float) -> f
     return max_scale if total <= 0 else min(max_scale, math.sqrt(2 * delta / total))
 
 
-def check_updates(directions: list[Direction], scales: list[float], where) -> None:
+@dataclass
+class NormBound:
+    """A lower bound of the parameters' norm kept between steps, so that the guard reads the
+    parameters only when the bound is too low to clear an update (and every ``refresh`` steps):
+    after an update ``Δ`` and decoupled decay ``c ≤ 1``, ``‖θ'‖ ≥ c‖θ‖ − ‖Δ‖``."""
+
+    value: float = 0.0
+    age: int = 0
+    refresh: int = 100
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """The 2-norms of ``tensors``, in float64 on the CPU: one multi-tensor call, one sync."""
+    return torch.stack([n.to(torch.float64) for n in torch._foreach_norm(tensors)]).cpu()
+
+
+def check_updates(
+    directions: list[Direction], scales: list[float], where, bound: NormBound | None = None
+) -> None:
     """The guard: raise :class:`UpdateError` for a non-finite or exploding update, before any
-    parameter is written. ``where(i)`` describes parameter ``i`` for the message. Costs two
-    norms per parameter and one synchronisation per step."""
+    parameter is written. ``where(i)`` describes parameter ``i`` for the message. Costs the
+    update's norm (one pass over it) per step; the parameters' norm is read only when
+    ``bound`` (kept by the optimizer, updated here as if the step were written) cannot clear
+    the update."""
     if not directions:
         return
-    device = directions[0].param.device
-    norms = torch.stack(
-        [
-            torch.stack(
-                [torch.linalg.vector_norm(d.ratio()), torch.linalg.vector_norm(d.param)]
-            ).to(device=device, dtype=torch.float64)
-            for d in directions
-        ]
-    ).cpu()
     factors = torch.tensor([d.step_size * s for d, s in zip(directions, scales)])
-    update_sq = (norms[:, 0] * factors.to(torch.float64)).square()
-    param_sq = norms[:, 1].square()
+    update_sq = (_norms([d.ratio() for d in directions]) * factors.to(torch.float64)).square()
     bad = ~torch.isfinite(update_sq)
-    total_update, total_param = float(update_sq[~bad].sum()), float(param_sq.sum())
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         reason = "is not finite"
-    elif total_param > 0 and total_update > (BLOW_UP**2) * total_param:
-        i = int((update_sq / param_sq.clamp(min=1e-300)).argmax())
-        reason = (
-            f"would grow the parameters' norm from {total_param**0.5:.3g} by "
-            f"{total_update**0.5:.3g} in one step"
-        )
     else:
+        total_update = float(update_sq.sum())
+        decay = min(d.decay for d in directions)
+        if (
+            bound is None
+            or bound.age >= bound.refresh
+            or total_update > (BLOW_UP * bound.value) ** 2
+        ):
+            param_sq = _norms([d.param for d in directions]).square()
+            total_param = float(param_sq.sum())
+            if bound is not None:
+                bound.value, bound.age = total_param**0.5, 0
+            if total_param > 0 and total_update > (BLOW_UP**2) * total_param:
+                i = int((update_sq / param_sq.clamp(min=1e-300)).argmax())
+                reason = (
+                    f"would grow the parameters' norm from {total_param**0.5:.3g} by "
+                    f"{total_update**0.5:.3g} in one step"
+                )
+                raise UpdateError(_refusal(where(i), reason))
+        if bound is not None:
+            bound.value = max(0.0, decay * bound.value - total_update**0.5)
+            bound.age += 1
         return
-    raise UpdateError(
-        f"the update of {where(i)} {reason}; nothing was written into the weights. The curvature "
+    raise UpdateError(_refusal(where(i), reason))
+
+
+def _refusal(where: str, reason: str) -> str:
+    return (
+        f"the update of {where} {reason}; nothing was written into the weights. The curvature "
         "estimate is zero or tiny for some weights (common for ReLU networks), so the step is "
         "bounded only by eps: use a smaller lr, a larger eps, or the step-size scaling "
         "(delta=..., max_scale=...), or guard=False to write such updates anyway."
