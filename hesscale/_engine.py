@@ -460,10 +460,16 @@ class _Pass:
             if info.calls is None:
                 info.rule = node_rule_for(node)
                 if info.rule is None:
+                    attention = type(node).__name__.startswith("ScaledDotProduct")
                     self._refuse(
                         node,
                         "has no HesScale rule",
-                        "Register one with hesscale.register_rule (for your own layer or "
+                        "PyTorch chose an attention kernel hesscale has no rule for (it has "
+                        "one for the fused CPU kernel): run the model under "
+                        "torch.nn.attention.sdpa_kernel(SDPBackend.MATH), whose matrix products "
+                        "and softmax have rules, or on the CPU."
+                        if attention
+                        else "Register one with hesscale.register_rule (for your own layer or "
                         "torch.autograd.Function), or compute it with supported operations "
                         f"({len(supported_operations())} are, e.g. "
                         "AddmmBackward0, ConvolutionBackward0, TanhBackward0, MulBackward0).",

@@ -470,3 +470,21 @@ def test_the_guard_reads_the_parameters_only_when_its_bound_cannot_clear_an_upda
     opt.param_groups[0]["lr"] = 1e6  # an update 100x the parameters' norm
     with pytest.raises(UpdateError, match="would grow the parameters' norm"):
         _train(model, loss_fn, x, y, opt, 1)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_adahessian_on_fused_attention_says_to_use_the_math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hesscale.experiments.networks import tiny_gpt
+
+    torch.manual_seed(0)
+    model, ids = tiny_gpt(), torch.randint(0, 10, (3, 4))
+    opt = AdaHessian(model.parameters())
+    nn.functional.cross_entropy(model(ids), ids).backward(create_graph=True)
+    with pytest.raises(RuntimeError, match=r"sdpa_kernel\(SDPBackend.MATH\)"):
+        opt.step()
+    opt.zero_grad()
+    with sdpa_kernel(SDPBackend.MATH):
+        nn.functional.cross_entropy(model(ids), ids).backward(create_graph=True)
+        opt.step()

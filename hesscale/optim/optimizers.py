@@ -121,7 +121,16 @@ def hutchinson_products(
         for p in params
     ]
     with torch.enable_grad():
-        hz = torch.autograd.grad([p.grad for p in params], params, probes)
+        try:
+            hz = torch.autograd.grad([p.grad for p in params], params, probes)
+        except RuntimeError as error:
+            if "scaled_dot_product" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{who} differentiates the gradient, and PyTorch's fused attention kernel has "
+                "no second derivative: run the forward and backward passes and the step under "
+                "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
+            ) from error
     products = {}
     for p, z, h in zip(params, probes, hz):
         d = z * h
