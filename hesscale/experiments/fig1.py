@@ -411,14 +411,17 @@ def run(
 def table(summary: dict) -> str:
     """Mean normalised error per method, best first, as printed at the end of a run."""
     rows = sorted(summary["methods"].items(), key=lambda kv: kv[1]["mean_normalized"])
-    lines = [f"{'method':<18}{'mean error / HesScale':>24}{'min':>10}{'max':>10}"]
+    width = max(len(label) for label in [*summary["methods"], *summary.get("not_defined", [])])
+    width += 2
+    lines = [f"{'method':<{width}}{'mean error / HesScale':>24}{'min':>10}{'max':>10}"]
     for label, entry in rows:
         values = entry["normalized"]
         lines.append(
-            f"{label:<18}{entry['mean_normalized']:>24.3f}{min(values):>10.3f}{max(values):>10.3f}"
+            f"{label:<{width}}{entry['mean_normalized']:>24.3f}"
+            f"{min(values):>10.3f}{max(values):>10.3f}"
         )
     for label in summary.get("not_defined", []):
-        lines.append(f"{label:<18}{'not defined for this network':>44}")
+        lines.append(f"{label:<{width}}{'not defined for this network':>44}")
     return "\n".join(lines)
 
 
