@@ -539,8 +539,26 @@ class Attention(nn.Module):
         return self.head(out.mean(1 if self.attn.batch_first else 0))
 
 
+class Decoder(nn.Module):
+    """``nn.TransformerDecoderLayer``: causal self-attention, then cross-attention to a memory
+    computed from the same input."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.memory = nn.Linear(8, 8)
+        self.layer = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True, **kwargs)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], dtype=x.dtype)
+        out = self.layer(x, torch.tanh(self.memory(x)), tgt_mask=causal, tgt_is_causal=True)
+        return self.head(out.mean(1))
+
+
 TRANSFORMERS = {
     "post-ln": lambda: Transformer(batch_first=True),
+    "decoder-post-ln": lambda: Decoder(),
+    "decoder-pre-ln-gelu": lambda: Decoder(norm_first=True, activation="gelu"),
     "pre-ln-gelu": lambda: Transformer(batch_first=True, norm_first=True, activation="gelu"),
     "sequence-first": lambda: Transformer(),
     "mha-weights": lambda: Attention(need_weights=True, batch_first=True),
