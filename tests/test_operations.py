@@ -615,3 +615,48 @@ def test_weights_before_a_train_mode_batch_norm_are_exact_given_a_diagonal_outpu
     hesscale.extend(model, batch_norm="per-layer")
     _, per_layer = hesscale.diagonal(model, quadratic, x, target, method=method)
     assert not torch.allclose(per_layer["layer.weight"], expected["layer.weight"], rtol=1e-3)
+
+
+class LibraryRMSNorm(nn.Module):
+    """An RMSNorm as other libraries write it (Hugging Face's LlamaRMSNorm)."""
+
+    def __init__(self, width, eps=1e-6, offset=0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width, dtype=D) + 0.5)
+        self.variance_epsilon, self.offset = eps, offset
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.offset + self.weight) * x
+
+
+class LibraryNormed(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.x = nn.Parameter(torch.randn(2, 3, 4, dtype=D))
+        self.norm = norm
+
+    def forward(self, _):
+        return self.norm(self.x)
+
+
+@pytest.mark.parametrize("method", ["hesscale", "hesscale_gn"])
+def test_rms_norms_of_other_libraries_are_recognised_by_what_they_compute(method):
+    """A module that computes RMSNorm gets its exact layer rule; a look-alike that computes
+    something else (Gemma's 1 + γ) is not recognised and runs through its operations."""
+    from hesscale.rules import layer_rule_for
+    from hesscale.rules.normalization import OTHER_RMS_NORM
+
+    rms, gemma_like = LibraryRMSNorm(4), LibraryRMSNorm(4, offset=1.0)
+    state = torch.get_rng_state()
+    assert layer_rule_for(rms, "norm") is OTHER_RMS_NORM
+    assert layer_rule_for(gemma_like, "norm") is None
+    assert torch.equal(torch.get_rng_state(), state)  # the check draws from its own generator
+    torch.manual_seed(0)
+    model = LibraryNormed(LibraryRMSNorm(4))
+    out = model(None)
+    target = (torch.rand(out.shape, dtype=D) + 0.1, torch.randn(out.shape, dtype=D))
+    x = torch.zeros(1, dtype=D)
+    reference = exact_hessian_diagonal if method == "hesscale" else ggn_diagonal
+    _, estimate = hesscale.diagonal(model, quadratic, x, target, method=method)
+    assert_close_dicts(estimate, reference(model, quadratic, x, target))

@@ -194,6 +194,14 @@ class Rule:
 
 _LAYER_RULES: dict[type[nn.Module], Rule] = {}
 _NODE_RULES: dict[object, NodeRuleFn] = {}
+_RECOGNIZERS: list[Callable[[nn.Module], Rule | None]] = []
+
+
+def register_recognizer(recognize: Callable[[nn.Module], Rule | None]) -> None:
+    """Add a function that gives the layer rule of a module of a type without one (a layer of
+    another library that computes a known function), or None; it must confirm what the module
+    computes rather than trust its name."""
+    _RECOGNIZERS.append(recognize)
 
 
 def register_rule(
@@ -274,6 +282,10 @@ def supported_operations() -> list[str]:
 def layer_rule_for(module: nn.Module, path: str) -> Rule | None:
     """The layer rule of ``module`` (None if it has none); raises on a refused configuration."""
     rule = _LAYER_RULES.get(type(module))
+    for recognize in _RECOGNIZERS if rule is None else ():
+        rule = recognize(module)
+        if rule is not None:
+            break
     if rule is not None and rule.check is not None:
         problem = rule.check(module)
         if problem is not None:
@@ -343,6 +355,7 @@ __all__ = [
     "layer_rule_for",
     "node_rule_for",
     "operation_rule",
+    "register_recognizer",
     "register_rule",
     "scratch_buffer",
     "squared",
