@@ -561,8 +561,9 @@ class NormalizedLayer(nn.Module):
         super().__init__()
         self.layer, self.norm = layer.to(D), norm.to(D)
         self.register_buffer("x", torch.randn(shape, dtype=D))
-        with torch.no_grad():
-            self.norm.weight.uniform_(0.5, 1.5)
+        if self.norm.affine:
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
 
     def forward(self, _):
         return self.norm(self.layer(self.x))
@@ -582,6 +583,11 @@ NORMALIZED_LAYERS = {
         (2, 2, 3, 3),
     ),
     "conv1d": (lambda: nn.Conv1d(2, 3, 3), lambda: nn.BatchNorm1d(3), (4, 2, 5)),
+    "conv3d-no-affine": (
+        lambda: nn.Conv3d(2, 3, 2),
+        lambda: nn.BatchNorm3d(3, affine=False),
+        (2, 2, 3, 3, 3),
+    ),
 }
 
 
