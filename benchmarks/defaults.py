@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -63,7 +64,7 @@ def run(name: str, make, data) -> tuple[str, float, float]:
     spec = OPTIMIZERS[name]
     lr = default_lr(spec)
     opt = spec.cls(model.parameters(), lr=lr, **spec.options)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = hesscale.extend(nn.CrossEntropyLoss())  # AdaGGNMC samples from its Hessian
     losses = []
     create_graph = name == "adahessian"
     for x, y in data:
@@ -72,7 +73,9 @@ def run(name: str, make, data) -> tuple[str, float, float]:
         value = loss.item()
         if not math.isfinite(value) or value > 1e10:
             return "diverged", losses[0] if losses else value, value
-        loss.backward(create_graph=create_graph)
+        with warnings.catch_warnings():  # AdaHessian: create_graph's reference-cycle notice
+            warnings.simplefilter("ignore", UserWarning)
+            loss.backward(create_graph=create_graph)
         try:
             opt.step()
         except UpdateError:
@@ -94,7 +97,7 @@ def main(argv=None) -> None:
             outcome, first, last = run(name, make, data)
             lr = default_lr(OPTIMIZERS[name])
             print(
-                f"{problem:<13}{name:<22}{lr:>8.0e}  {outcome:<9}{first:>9.3f}{last:>10.3g}",
+                f"{problem:<13}{name:<22}{lr:>8g}  {outcome:<9}{first:>9.3f}{last:>10.3g}",
                 flush=True,
             )
 
