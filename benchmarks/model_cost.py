@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import hesscale
 from hesscale.experiments.networks import GPT, ResNet18
 from hesscale.experiments.timing import interleaved_times, peak_memory
 from hesscale.optim import AdaHesScale, AdaHesScaleGN, AdaHessian
+from hesscale.rules import Settings
 
 MODELS = ("resnet18", "gpt2", "hf-gpt2")
 DEFAULT_BATCH = {"resnet18": 128, "gpt2": 2, "hf-gpt2": 2}
@@ -131,7 +133,7 @@ def measure(name: str, args) -> dict:
     # one model for every run (a GPT-2-sized model and four optimizers' states fill 24 GB when
     # copied); a run chooses the rule variant and the estimate it asks for
     model = hesscale.extend(base)
-    defaults = {"attention": "centred", "batch_norm": "fused"}
+    defaults = dataclasses.asdict(Settings())
 
     def forward_backward(method=None, settings=None):
         def run():

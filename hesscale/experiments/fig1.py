@@ -32,6 +32,7 @@ labelled by the same teacher: the regime where curvature is no longer that of ra
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ import hesscale
 from hesscale import UnsupportedModuleError
 from hesscale.baselines import hutchinson_from_probes, kfac_mc, rademacher_like
 from hesscale.reference import exact_hessian_diagonal, ggn_diagonal
+from hesscale.rules import Settings
 
 from .._progress import progress
 from .io import atomic_write_json, environment_record, read_json
@@ -132,7 +134,7 @@ VARIANTS: dict[str, dict] = {
     "HesScale, exact attention": {"attention": "exact"},
     "HesScale, per-layer BN": {"batch_norm": "per-layer"},
 }
-DEFAULT_SETTINGS = {"attention": "centred", "batch_norm": "fused"}
+DEFAULT_SETTINGS = dataclasses.asdict(Settings())
 
 
 def _layers(model: nn.Module) -> list[tuple[str, list[str]]]:
