@@ -219,6 +219,8 @@ def test_registry_lists_every_optimizer():
         "adam-scaled",
         "adahesscale-scaled",
         "adahesscalegn-scaled",
+        "adahesscale-clipped",
+        "adahesscalegn-clipped",
         "sophia",
     }
 
@@ -236,6 +238,7 @@ def test_registry_builds_each_configuration(name):
     else:
         assert group["betas"] == (0.5, 0.6) and group["eps"] == 1e-3
     assert group.get("delta") == (1e-4 if name.endswith("-scaled") else None)
+    assert group.get("clip") == (1.0 if name.endswith("-clipped") or name == "sophia" else None)
 
 
 def test_plain_adam_on_an_extended_model_computes_no_estimate():
@@ -306,9 +309,13 @@ def test_adahessian_averages_kernels_spatially_and_is_hutchinson():
 
 
 @pytest.mark.parametrize("squared, power", [(False, 1.0), (True, 0.5)])
-@pytest.mark.parametrize("delta, max_scale", [(1e-3, 1.0), (1e-9, 1.0), (10.0, 3.0)])
-def test_scaled_update_is_the_formula_written_out(squared, power, delta, max_scale):
-    """``u · min(max_scale, √(2δ/T))``, ``T = Σ_params Σ d ⊙ u²``, over two parameter groups."""
+@pytest.mark.parametrize(
+    "delta, max_scale, clip",
+    [(1e-3, 1.0, None), (1e-9, 1.0, None), (10.0, 3.0, None), (None, 1.0, 0.7), (1e-3, 1.0, 0.7)],
+)
+def test_scaled_update_is_the_formula_written_out(squared, power, delta, max_scale, clip):
+    """``u · min(max_scale, √(2δ/T))``, ``T = Σ_params Σ d ⊙ u²``, over two parameter groups;
+    with ``clip``, ``u = α · clip(m̂ / (d + ε), clip)`` (clipped on some coordinates only)."""
     gen = torch.Generator().manual_seed(0)
     thetas = [torch.randn(5, dtype=torch.float64, generator=gen) for _ in range(2)]
     grads = [
@@ -321,7 +328,14 @@ def test_scaled_update_is_the_formula_written_out(squared, power, delta, max_sca
     ps = [nn.Parameter(t.clone()) for t in thetas]
     flat = [e for step in estimates for e in step]
     opt = Given(
-        [ps[0]], flat[0::2], lr=0.1, betas=(0.8, 0.9), eps=1e-3, delta=delta, max_scale=max_scale
+        [ps[0]],
+        flat[0::2],
+        lr=0.1,
+        betas=(0.8, 0.9),
+        eps=1e-3,
+        delta=delta,
+        max_scale=max_scale,
+        clip=clip,
     )
     opt.add_param_group({"params": [ps[1]]})
     given = iter(flat)
@@ -329,7 +343,7 @@ def test_scaled_update_is_the_formula_written_out(squared, power, delta, max_sca
     opt.squared, opt.power = squared, power
     m = [torch.zeros(5, dtype=torch.float64) for _ in ps]
     v = [torch.zeros(5, dtype=torch.float64) for _ in ps]
-    expected = [t.clone() for t in thetas]
+    expected, clipped = [t.clone() for t in thetas], []
     for t, (g_step, e_step) in enumerate(zip(grads, estimates), start=1):
         for p, g in zip(ps, g_step):
             p.grad = g.clone()
@@ -339,13 +353,18 @@ def test_scaled_update_is_the_formula_written_out(squared, power, delta, max_sca
             m[i] = 0.8 * m[i] + 0.2 * g_step[i]
             v[i] = 0.9 * v[i] + 0.1 * (e_step[i] ** 2 if squared else e_step[i])
             d = (v[i] / (1 - 0.9**t)) ** power
-            updates.append(0.1 / (1 - 0.8**t) * m[i] / (d + 1e-3))
+            ratio = m[i] / (1 - 0.8**t) / (d + 1e-3)
+            if clip is not None:
+                clipped.append(bool((ratio.abs() > clip).any() and (ratio.abs() < clip).any()))
+                ratio = ratio.clamp(-clip, clip)
+            updates.append(0.1 * ratio)
             curvatures.append(d)
         total = sum((d * u**2).sum() for d, u in zip(curvatures, updates))
-        scale = min(max_scale, float((2 * delta / total) ** 0.5))
+        scale = 1.0 if delta is None else min(max_scale, float((2 * delta / total) ** 0.5))
         expected = [e - scale * u for e, u in zip(expected, updates)]
     for p, e in zip(ps, expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-14)
+    assert clip is None or any(clipped)  # the case clips some coordinates and not others
 
 
 def test_the_scaling_tames_a_step_size_that_diverges():

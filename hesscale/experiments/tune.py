@@ -44,6 +44,8 @@ LR_RANGES = {
     "adam-scaled": (-5.0, -2.0),
     "adahesscale-scaled": (-5.0, -2.0),
     "adahesscalegn-scaled": (-5.0, -2.0),
+    "adahesscale-clipped": (-5.0, -2.0),
+    "adahesscalegn-clipped": (-5.0, -2.0),
     "sophia": (-5.0, -2.0),
 }
 

@@ -48,6 +48,10 @@ class CurvatureAdam(Optimizer):
             :mod:`hesscale.optim._functional`): the quadratic model's predicted change of the
             loss, ``½ Σ d ⊙ u²`` over all parameters, is at most ``delta``. None (default): off.
         max_scale: the largest factor the scaling applies to the updates.
+        clip: bound every coordinate's step by ``clip · lr`` (before the scaling):
+            ``θ ← θ − α · clip(m̂ / (√v̂ + ε), clip)``, as Sophia clips its ratio. Where the
+            curvature estimate is tiny next to the gradient (the first layers of ReLU networks),
+            the Newton-like ratio is otherwise bounded only by ε. None (default): off.
         guard: refuse (``UpdateError``, naming the parameter) an update that is not finite or
             that would grow the parameters' norm by more than 100× in one step, before it is
             written into the weights.
@@ -79,6 +83,7 @@ class CurvatureAdam(Optimizer):
         process_group=None,
         delta: float | None = None,
         max_scale: float = 1.0,
+        clip: float | None = None,
         guard: bool = True,
     ):
         if isinstance(lr, Tensor):
@@ -96,6 +101,7 @@ class CurvatureAdam(Optimizer):
         _check(bucket_cap_mb > 0, f"Invalid bucket_cap_mb value: {bucket_cap_mb}")
         _check(delta is None or delta > 0, f"Invalid delta value: {delta} (positive, or None)")
         _check(max_scale > 0, f"Invalid max_scale value: {max_scale}")
+        _check(clip is None or clip > 0, f"Invalid clip value: {clip} (positive, or None)")
         _check(
             not distributed or (dist.is_available() and dist.is_initialized()),
             "distributed=True averages the estimates across the ranks of a torch.distributed "
@@ -113,6 +119,7 @@ class CurvatureAdam(Optimizer):
             maximize=maximize,
             delta=delta,
             max_scale=max_scale,
+            clip=clip,
         )
         super().__init__(params, defaults)
         self.guard = guard
@@ -208,8 +215,8 @@ class CurvatureAdam(Optimizer):
         apply_updates(directions, scales)
 
     def _update_options(self, group) -> dict:
-        """Further switches of :func:`curvature_adam` for a group (Sophia's clipping)."""
-        return {}
+        """Further switches of :func:`curvature_adam` for a group (the clipping; Sophia's)."""
+        return {"clip": group.get("clip")}
 
     def _prepare_estimates(self) -> None:
         """Hook for estimators computed in ``step`` rather than in the backward pass."""

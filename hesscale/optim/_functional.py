@@ -61,11 +61,11 @@ class Direction:
     step_size: float
     decay: float  # decoupled weight decay factor (1.0: none)
     curvature: Tensor | None = None  # d, for the step-size scaling
-    clip: float | None = None  # Sophia: the ratio is clipped to [-clip, clip]
+    clip: float | None = None  # the ratio is clipped to [-clip, clip] (Sophia, clip=...)
     divided: bool = False
 
     def ratio(self) -> Tensor:
-        """``exp_avg / denom`` (the update divided by ``step_size``), clipped for Sophia."""
+        """``exp_avg / denom`` (the update divided by ``step_size``), clipped if asked."""
         if not self.divided:
             torch.div(self.exp_avg, self.denom, out=self.denom)
             if self.clip is not None:
@@ -95,7 +95,7 @@ def curvature_adam(
     maximize: bool = False,
     scaled: bool = False,
     clip: float | None = None,
-    gamma: float = 1.0,
+    gamma: float | None = None,
 ) -> list[Direction]:
     """Update the moments in place and return each parameter's pending update (nothing is
     written to ``params``: :func:`apply_updates` does that).
@@ -104,9 +104,10 @@ def curvature_adam(
     ``v`` keeps its value. ``steps`` and ``curvature_steps`` are the counts after this step.
     ``scaled`` keeps the curvature denominators for the step-size scaling.
 
-    ``clip`` switches to Sophia's update (Liu et al. 2023): no bias corrections, the denominator
-    ``max(γ v, ε)`` instead of ``v^p + ε``, and the ratio clipped to ``[−clip, clip]``:
-    ``θ ← θ − α · clip(m / max(γ v, ε), clip)``.
+    ``clip`` bounds every coordinate's step by ``clip · α`` (before the scaling):
+    ``θ ← θ − α · clip(m̂ / d, clip)`` with ``d`` the denominator. ``gamma`` switches to Sophia's
+    update (Liu et al. 2023): no bias corrections and the denominator ``max(γ v, ε)`` instead
+    of ``v^p + ε`` (Sophia clips at 1: ``θ ← θ − α · clip(m / max(γ v, ε), 1)``).
     """
     directions = []
     for i, param in enumerate(params):
@@ -124,7 +125,7 @@ def curvature_adam(
                 exp_avg_sq.mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
             else:
                 exp_avg_sq.mul_(beta2).add_(estimate, alpha=1 - beta2)
-        if clip is not None:  # Sophia
+        if gamma is not None:  # Sophia
             curvature = exp_avg_sq * gamma
             denom = curvature.clamp(min=eps)
             directions.append(
@@ -139,8 +140,10 @@ def curvature_adam(
         else:
             curvature = (exp_avg_sq / bias_correction2).add_(eps_root).pow_(power)
         denom = curvature.add(eps) if scaled else curvature.add_(eps)
+        # the ratio is m / d (m not bias-corrected): clip it at clip·(1 − β₁ᵗ) to bound m̂ / d
+        bound = None if clip is None else clip * bias_correction1
         directions.append(
-            Direction(param, exp_avg, denom, step_size, decay, curvature if scaled else None)
+            Direction(param, exp_avg, denom, step_size, decay, curvature if scaled else None, bound)
         )
     return directions
 

@@ -159,7 +159,8 @@ class Sophia(CurvatureAdam):
     Args:
         lr: ``α`` (default 1e-3), betas: ``(β₁, β₂)`` (default (0.965, 0.99), Sophia's),
         gamma: ``γ`` (default 0.01), eps: ``ε`` (default 1e-12), weight_decay: ``λ`` (default
-        0.1), update_every: ``k`` (default 10); the other options of :class:`CurvatureAdam`.
+        0.1), update_every: ``k`` (default 10), clip: the ratio's bound (default 1, Sophia's);
+        the other options of :class:`CurvatureAdam`.
     """
 
     squared = False
@@ -177,6 +178,7 @@ class Sophia(CurvatureAdam):
         update_every: int = 10,
         estimator: str = "hesscale_gn",
         generator: torch.Generator | None = None,
+        clip: float = 1.0,
         **kwargs,
     ):
         if estimator not in self.ESTIMATORS:
@@ -196,13 +198,14 @@ class Sophia(CurvatureAdam):
             weight_decay=weight_decay,
             decoupled_weight_decay=True,
             update_every=update_every,
+            clip=clip,
             **kwargs,
         )
         for group in self.param_groups:
             group.setdefault("gamma", gamma)
 
     def _update_options(self, group) -> dict:
-        return {"clip": 1.0, "gamma": group["gamma"]}
+        return {"clip": group.get("clip", 1.0), "gamma": group["gamma"]}
 
     def _prepare_estimates(self) -> None:
         if self.estimator != "hutchinson":
@@ -232,7 +235,11 @@ class OptimizerSpec:
     The ``-scaled`` configurations turn on the step-size scaling with ``δ = 1e-4`` (the
     predicted change of a mean loss of order one per step; measured to keep AdaHesScale
     training on the ReLU and tanh DeepOBS networks at every step size from 1e-5 to 1, where
-    δ = 1e-2 let it reach losses of 70). ``sophia`` is Sophia on HesScaleGN at its defaults.
+    δ = 1e-2 let it reach losses of 70). The ``-clipped`` ones bound every coordinate's step
+    by the step size (``clip=1``, Sophia's bound on Algorithm 2's update): the scaling bounds
+    the quadratic model's predicted change, which stays small along directions of tiny
+    curvature estimates however large the step (it does not stop a VGG-style ReLU CNN from
+    diverging at lr 1e-3). ``sophia`` is Sophia on HesScaleGN at its defaults.
     """
 
     cls: type[torch.optim.Optimizer]
@@ -260,6 +267,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adam-scaled": OptimizerSpec(Adam, {"delta": SCALED_DELTA}),
     "adahesscale-scaled": OptimizerSpec(AdaHesScale, {"delta": SCALED_DELTA}),
     "adahesscalegn-scaled": OptimizerSpec(AdaHesScaleGN, {"delta": SCALED_DELTA}),
+    "adahesscale-clipped": OptimizerSpec(AdaHesScale, {"clip": 1.0}),
+    "adahesscalegn-clipped": OptimizerSpec(AdaHesScaleGN, {"clip": 1.0}),
     "sophia": OptimizerSpec(Sophia, betas=False, eps=False),
 }  # the paper's comparison and the configurations that train out of the box, by the names
 # that `hesscale train` and `tune` take
