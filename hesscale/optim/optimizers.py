@@ -157,10 +157,14 @@ class Sophia(CurvatureAdam):
     whatever the estimate: where it is zero or negative the step is ``α · sign(m)``.
 
     Args:
-        lr: ``α`` (default 1e-3), betas: ``(β₁, β₂)`` (default (0.965, 0.99), Sophia's),
-        gamma: ``γ`` (default 0.01), eps: ``ε`` (default 1e-12), weight_decay: ``λ`` (default
-        0.1), update_every: ``k`` (default 10), clip: the ratio's bound (default 1, Sophia's);
-        the other options of :class:`CurvatureAdam`.
+        lr: ``α`` (default 1e-3).
+        betas: ``(β₁, β₂)`` (default (0.965, 0.99), Sophia's).
+        gamma: ``γ`` (default 0.01).
+        eps: ``ε`` (default 1e-12).
+        weight_decay: ``λ`` (default 0.1).
+        update_every: ``k`` (default 10).
+        clip: the ratio's bound (default 1, Sophia's).
+        kwargs: the other options of :class:`CurvatureAdam`.
     """
 
     squared = False
