@@ -1,9 +1,9 @@
-"""Cost of the optimizers' guard and of the step-size scaling, measured side by side.
+"""Cost of the optimizers' guard, of the step-size scaling and of clipping, side by side.
 
 A training step (forward, backward, update) of AdaHesScale on the Fig. 2b network (64 inputs,
 L hidden layers of 512 tanh units, 100 outputs) with the guard (the default), without it, and
-with the step-size scaling (``delta``), interleaved round by round; ratios over the step
-without the guard.
+with the step-size scaling (``delta``) or clipping (``clip``), interleaved round by round;
+ratios over the step without the guard.
 
     python benchmarks/guard_cost.py [--rounds 30] [--layers 4] [--batch-size 128]
 """
@@ -34,7 +34,12 @@ def main(argv=None):
     y = torch.randint(0, 100, (args.batch_size,))
     loss_fn = nn.CrossEntropyLoss()
     steps = {}
-    variants = {"without guard": {"guard": False}, "guard": {}, "guard + scaling": {"delta": 1e-2}}
+    variants = {
+        "without guard": {"guard": False},
+        "guard": {},
+        "guard + scaling": {"delta": 1e-2},
+        "guard + clipping": {"clip": 1.0},
+    }
     for name, options in variants.items():
         model = hesscale.extend(copy.deepcopy(base))
         opt = AdaHesScale(model.parameters(), lr=1e-4, **options)
@@ -53,6 +58,7 @@ def main(argv=None):
     )
     for name in variants:
         print(f"{name:<18} {times[name]['median'] / base_t:6.3f}x")
+    return {name: times[name]["median"] / base_t for name in variants}
 
 
 if __name__ == "__main__":
