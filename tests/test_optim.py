@@ -87,7 +87,11 @@ def test_squared_gradient_as_curvature_is_adam(weight_decay, decoupled):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("scaling", [{}, {"delta": 1e-4, "max_scale": 2.0}], ids=["", "scaled"])
+@pytest.mark.parametrize(
+    "scaling",
+    [{}, {"delta": 1e-4, "max_scale": 2.0}, {"clip": 0.5}],
+    ids=["", "scaled", "clipped"],
+)
 @pytest.mark.parametrize("opt_class", CURVATURE_OPTIMIZERS)
 def test_state_dict_round_trip_continues_bit_for_bit(opt_class, scaling):
     model, loss_fn, x, y = _problem()
