@@ -145,8 +145,13 @@ def conv_rule(ctx: LayerContext) -> Backprop:
                 [False, True, False],
             )[1]
 
-        def products(u, squared_input):
-            return weight_gradient(u, squared_input, module.weight)
+        def products(us, squared_input):  # one weight gradient (the patches once) if ungrouped
+            if groups > 1:
+                return [weight_gradient(u, squared_input, module.weight) for u in us]
+            shape = (len(us) * module.out_channels, *module.weight.shape[1:])
+            weight = module.weight[:1].expand(shape)  # its shape only: no input gradient asked
+            both = weight_gradient(torch.cat(us, 1), squared_input, weight)
+            return list(both.split(module.out_channels))
 
         def sums(squared_input):  # u = 1: one output channel per group, then repeated
             ones = s_out.new_ones(s_out.shape[0], groups, *s_out.shape[2:])

@@ -41,10 +41,9 @@ def linear_rule(ctx: LayerContext) -> Backprop:
     if ctx.normalized is not None and ctx.input.dim() == 2:  # BatchNorm1d on (N, out)
         x = ctx.input
 
-        def products(u, squared_input):
-            return u.reshape(-1, module.out_features).T @ (
-                squared(x, scratch, "input") if squared_input else x
-            )
+        def products(us, squared_input):  # one product for all the u's
+            x_used = squared(x, scratch, "input") if squared_input else x
+            return list((torch.cat(us, 1).T @ x_used).split(module.out_features))
 
         def sums(squared_input):
             return (squared(x, scratch, "input") if squared_input else x).sum(0, keepdim=True)

@@ -198,40 +198,45 @@ def batch_statistics(ctx: NodeContext) -> BatchStatistics:
 
 def batch_normalized_weight_curvature(
     stats: BatchStatistics,
-    weight_products: Callable[[Tensor, bool], Tensor],
+    weight_products: Callable[[list[Tensor], bool], list[Tensor]],
     input_sums: Callable[[bool], Tensor],
     second_order: bool,
 ) -> Tensor:
     """``ŝ_W`` of the layer before a train-mode BatchNorm (the module docstring's formula).
 
-    ``weight_products(u, squared_input)`` is the layer's ``Σ_positions u ⊗ x`` for a tensor
-    ``u`` shaped like the layer's output (``x``: the input, or its patches; squared if asked),
-    shaped like the weight: ``uᵀX`` for a Linear layer, the weight gradient of a convolution.
-    ``input_sums(squared_input)`` is the same for ``u = 1`` (``Σ_positions x``), which needs no
-    product per channel. The two terms that ``m = x̂ᵀX/M`` multiplies share one product, so
-    the rule costs four products (one with ``X²``) where the layer rule costs one.
+    ``weight_products(us, squared_input)`` is the layer's ``Σ_positions u ⊗ x`` for each tensor
+    ``u`` of ``us`` shaped like the layer's output (``x``: the input, or its patches; squared if
+    asked), shaped like the weight: ``uᵀX`` for a Linear layer, the weight gradient of a
+    convolution; a layer computes the list in one product where it can (the patches are then
+    formed once). ``input_sums(squared_input)`` is the same for ``u = 1`` (``Σ_positions x``),
+    which needs no product per channel. The two terms that ``m = x̂ᵀX/M`` multiplies share one
+    product, so the rule costs four products (one with ``X²``) where the layer rule costs one.
     """
     x_hat, r, s, g = stats.x_hat, stats.rstd, stats.s, stats.g
     m_count = 1
     for d in stats.dims:
         m_count *= x_hat.shape[d]
-    m = weight_products(x_hat, False) / m_count
+    second = second_order and g is not None
+    # u's of the products with X: x̂ (for m), s̃, and s̃x̂ + g̃ (what m multiplies)
+    s_x_hat = None if s is None else s * x_hat
+    shared = s_x_hat if s is not None else None
+    if second:
+        shared = g if shared is None else shared + g
+    us = [x_hat] + ([s] if s is not None else []) + ([shared] if shared is not None else [])
+    products = weight_products(us, False)
+    m = products[0] / m_count
     x_bar = input_sums(False) / m_count
 
     def total(t):  # Σ over the group, per channel, as a column broadcasting over the weight
         return t.sum(stats.dims).reshape(-1, *([1] * (m.dim() - 1)))
 
-    second = second_order and g is not None
     result = torch.zeros_like(m)
     if s is not None:  # r² [s̃ᵀX_c² − 2m ⊙ (s̃x̂)ᵀX_c + m² Σ s̃x̂²]
-        s_x_hat = s * x_hat
-        result = result + weight_products(s, True) - 2 * x_bar * weight_products(s, False)
+        (s_x_sq,) = weight_products([s], True)
+        result = result + s_x_sq - 2 * x_bar * products[1]
         result = result + squared(x_bar) * total(s) + squared(m) * total(s_x_hat * x_hat)
-    if s is not None or second:  # −2m ⊙ [(s̃x̂)ᵀX_c + g̃ᵀX_c] in one product
-        u = s_x_hat if s is not None else None
-        if second:
-            u = g if u is None else u + g
-        result = result - 2 * m * (weight_products(u, False) - x_bar * total(u))
+    if shared is not None:  # −2m ⊙ [(s̃x̂)ᵀX_c + g̃ᵀX_c] in one product
+        result = result - 2 * m * (products[-1] - x_bar * total(shared))
     if second:  # r² [− B ‖X_c‖² + 3M B m²]
         b = total(g * x_hat) / m_count
         norms = input_sums(True) - m_count * squared(x_bar)
