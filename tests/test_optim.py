@@ -225,6 +225,7 @@ def test_registry_lists_every_optimizer():
         "adahesscalegn-scaled",
         "adahesscale-clipped",
         "adahesscalegn-clipped",
+        "adahesscale-clipped-scaled",
         "sophia",
     }
 
@@ -242,7 +243,8 @@ def test_registry_builds_each_configuration(name):
     else:
         assert group["betas"] == (0.5, 0.6) and group["eps"] == 1e-3
     assert group.get("delta") == (1e-4 if name.endswith("-scaled") else None)
-    assert group.get("clip") == (1.0 if name.endswith("-clipped") or name == "sophia" else None)
+    clipped = "-clipped" in name or name == "sophia"
+    assert group.get("clip") == (1.0 if clipped else None)
 
 
 def test_plain_adam_on_an_extended_model_computes_no_estimate():

@@ -196,7 +196,7 @@ PROBLEMS: dict[str, Problem] = {
             100,
         ),
         # beyond the paper: a ResNet (ResNet-18 of width 8 on Fashion-MNIST, sized for CPUs) and a
-    # character-level GPT
+        # character-level GPT
         Problem("fmnist_resnet", "fmnist", lambda pad: resnet(10, 1, 8), 128, 10, 0.0, 10),
         Problem("cifar10_resnet18", "cifar10", lambda pad: resnet(10, 3, 64), 128, 100, 0.0, 10),
         Problem("shakespeare_gpt", "shakespeare", lambda pad: char_gpt(64), 32, 10, 0.0, 256, 64),

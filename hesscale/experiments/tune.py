@@ -46,6 +46,7 @@ LR_RANGES = {
     "adahesscalegn-scaled": (-5.0, -2.0),
     "adahesscale-clipped": (-5.0, -2.0),
     "adahesscalegn-clipped": (-5.0, -2.0),
+    "adahesscale-clipped-scaled": (-5.0, -2.0),
     "sophia": (-5.0, -2.0),
 }
 

@@ -243,7 +243,8 @@ class OptimizerSpec:
     by the step size (``clip=1``, Sophia's bound on Algorithm 2's update): the scaling bounds
     the quadratic model's predicted change, which stays small along directions of tiny
     curvature estimates however large the step (it does not stop a VGG-style ReLU CNN from
-    diverging at lr 1e-3). ``sophia`` is Sophia on HesScaleGN at its defaults.
+    diverging at lr 1e-3). ``-clipped-scaled`` does both. ``sophia`` is Sophia on HesScaleGN at
+    its defaults.
     """
 
     cls: type[torch.optim.Optimizer]
@@ -273,6 +274,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adahesscalegn-scaled": OptimizerSpec(AdaHesScaleGN, {"delta": SCALED_DELTA}),
     "adahesscale-clipped": OptimizerSpec(AdaHesScale, {"clip": 1.0}),
     "adahesscalegn-clipped": OptimizerSpec(AdaHesScaleGN, {"clip": 1.0}),
+    "adahesscale-clipped-scaled": OptimizerSpec(AdaHesScale, {"clip": 1.0, "delta": SCALED_DELTA}),
     "sophia": OptimizerSpec(Sophia, betas=False, eps=False),
 }  # the paper's comparison and the configurations that train out of the box, by the names
 # that `hesscale train` and `tune` take
