@@ -56,7 +56,9 @@ def plot_tune(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     eps = eps_suffix(summary)
-    title = f"{summary['problem']} ({summary['padding']} padding, {summary['epochs']} epochs{eps})"
+    capped = summary.get("max_batches")
+    epochs = f"{summary['epochs']} epochs" + (f" of {capped} batches" if capped else "")
+    title = f"{summary['problem']} ({summary['padding']} padding, {epochs}{eps})"
     panels = [
         (f"{split}_{metric}", f"{split.replace('_', '-')} {metric}")
         for split in ("train_eval", "valid", "test")

@@ -155,6 +155,7 @@ def tune(
         "problem": problem,
         "budget": budget,
         "epochs": epochs,
+        "max_batches": plan.max_batches,
         "padding": padding,
         "eps": eps,
         "directory": str(out),
@@ -223,7 +224,9 @@ def report(summary: dict) -> str:
     """Best step size, final test accuracy and loss (mean ± standard error), time per epoch."""
     width = max([len("optimizer")] + [len(n) for n in summary["optimizers"]]) + 2
     lines = [
-        f"{summary['problem']}: {summary['epochs']} epochs, padding {summary['padding']}"
+        f"{summary['problem']}: {summary['epochs']} epochs"
+        + (f" of {summary['max_batches']} batches" if summary.get("max_batches") else "")
+        + f", padding {summary['padding']}"
         + eps_suffix(summary),
         f"{'optimizer':<{width}}{'best lr':>10}{'β1':>5}{'β2':>8}{'test acc':>18}"
         f"{'test loss':>20}{'s/epoch':>9}",
