@@ -118,7 +118,7 @@ def plot_tune(summary: dict, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("step size")
     ax.set_ylabel("final test loss (best β's per step size)")
-    ax.set_title(f"Step-size sensitivity: {summary['problem']}{eps}", fontsize=10)
+    ax.set_title(f"Step-size sensitivity: {summary['problem']}, {epochs}{eps}", fontsize=10)
     ax.grid(which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
