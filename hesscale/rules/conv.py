@@ -129,8 +129,10 @@ def conv_rule(ctx: LayerContext) -> Backprop:
     if normalized:  # a train-mode BatchNorm reads the output: through its statistics
         groups = module.groups
 
-        def weight_gradient(u, squared_input, weight):
-            x = squared(h, ctx.scratch, "input") if squared_input else h
+        def patches_of(squared_input):
+            return squared(h, ctx.scratch, "input") if squared_input else h
+
+        def weight_gradient(u, x, weight):  # Σ_positions u ⊗ patches of x
             return torch.ops.aten.convolution_backward(
                 u,
                 x,
@@ -146,16 +148,18 @@ def conv_rule(ctx: LayerContext) -> Backprop:
             )[1]
 
         def products(us, squared_input):  # one weight gradient (the patches once) if ungrouped
+            x = patches_of(squared_input)
             if groups > 1:
-                return [weight_gradient(u, squared_input, module.weight) for u in us]
+                return [weight_gradient(u, x, module.weight) for u in us]
             shape = (len(us) * module.out_channels, *module.weight.shape[1:])
             weight = module.weight[:1].expand(shape)  # its shape only: no input gradient asked
-            both = weight_gradient(torch.cat(us, 1), squared_input, weight)
+            both = weight_gradient(torch.cat(us, 1), x, weight)
             return list(both.split(module.out_channels))
 
-        def sums(squared_input):  # u = 1: one output channel per group, then repeated
-            ones = s_out.new_ones(s_out.shape[0], groups, *s_out.shape[2:])
-            total = weight_gradient(ones, squared_input, module.weight[:groups])
+        def sums(squared_input):  # u = 1 everywhere: the batch's sum of inputs, one channel
+            x = patches_of(squared_input).sum(0, keepdim=True)  # per group, then repeated
+            ones = s_out.new_ones(1, groups, *s_out.shape[2:])
+            total = weight_gradient(ones, x, module.weight[:groups])
             return total.repeat_interleave(module.out_channels // groups, 0)
 
         s_w = batch_normalized_weight_curvature(ctx.normalized, products, sums, ctx.second_order)
