@@ -604,3 +604,43 @@ def test_rms_norm_layers_give_per_example_estimates():
     for i in range(len(x)):
         _, single = hesscale.diagonal(model, loss_fn, x[i : i + 1], y[i : i + 1])
         assert_close_dicts({k: v[i] for k, v in each.items()}, single)
+
+
+class EncoderStack(nn.Module):
+    """``nn.TransformerEncoder`` (nested tensors enabled, a padding mask): in eval mode without
+    gradients PyTorch would run its fused fast path, which no hook sees."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+        pad[:2, -1] = True
+        return self.head(self.encoder(x, src_key_padding_mask=pad)[:, 0])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_transformer_encoder_in_eval_mode_runs_its_regular_path(method):
+    """While an estimate is computed gradients are on, and PyTorch then takes the regular path
+    (the fast path is for inference): the stack's head is exact and every estimate finite."""
+    import copy
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = EncoderStack().to(D).eval()
+    x, y = torch.randn(4, 5, 8, dtype=D), torch.tensor([0, 1, 2, 0])
+    _, estimate = hesscale.diagonal(model, nn.CrossEntropyLoss(), x, y, method=method)
+    # torch.func's parameters do not require grad: the reference would take the nested path
+    reference = copy.deepcopy(model)
+    reference.encoder.use_nested_tensor = False
+    with sdpa_kernel(SDPBackend.MATH):
+        exact = exact_hessian_diagonal(reference, nn.CrossEntropyLoss(), x, y)
+    head = {"head.weight", "head.bias"}
+    assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
+    assert set(estimate) == set(exact)
+    for v in estimate.values():
+        assert torch.isfinite(v).all()
