@@ -423,6 +423,15 @@ class NormResNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+def assert_exact_head(estimate, exact):
+    """Every parameter estimated and finite, and the last layer's estimate exact."""
+    assert set(estimate) == set(exact)
+    head = {"head.weight", "head.bias"}
+    assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
+    for v in estimate.values():
+        assert torch.isfinite(v).all()
+
+
 class LayerNormMLP(nn.Module):
     """A residual MLP block with LayerNorm before (pre-LN) or after (post-LN) the branch."""
 
@@ -462,11 +471,7 @@ def test_normalized_networks_have_an_exact_head(mode, method):
         torch.func.replace_all_batch_norm_modules_(reference)
     _, estimate = hesscale.diagonal(model, loss_fn, x, y, method=method)
     exact = exact_hessian_diagonal(reference, loss_fn, x, y)
-    assert set(estimate) == set(exact)
-    head = {"head.weight", "head.bias"}
-    assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
-    for v in estimate.values():
-        assert torch.isfinite(v).all()
+    assert_exact_head(estimate, exact)
 
 
 class Embedded(nn.Module):
@@ -579,11 +584,7 @@ def test_transformer_layers_have_an_exact_head(name, method):
     _, estimate = hesscale.diagonal(model, nn.CrossEntropyLoss(), x, y, method=method)
     with sdpa_kernel(SDPBackend.MATH):
         exact = exact_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y)
-    head = {"head.weight", "head.bias"}
-    assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
-    assert set(estimate) == set(exact)
-    for v in estimate.values():
-        assert torch.isfinite(v).all()
+    assert_exact_head(estimate, exact)
 
 
 class RMSNormMLP(nn.Module):
@@ -639,8 +640,4 @@ def test_a_transformer_encoder_in_eval_mode_runs_its_regular_path(method):
     reference.encoder.use_nested_tensor = False
     with sdpa_kernel(SDPBackend.MATH):
         exact = exact_hessian_diagonal(reference, nn.CrossEntropyLoss(), x, y)
-    head = {"head.weight", "head.bias"}
-    assert_close_dicts({k: estimate[k] for k in head}, {k: exact[k] for k in head})
-    assert set(estimate) == set(exact)
-    for v in estimate.values():
-        assert torch.isfinite(v).all()
+    assert_exact_head(estimate, exact)
