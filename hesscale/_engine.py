@@ -46,17 +46,19 @@ Hessian and backpropagates them to the layer calls with one batched ``autograd.g
 compute gradients and no estimate, which the optimizers report as a missing estimate.
 
 Measured (this project's 2-core x86 CPU, one thread, float32, ``benchmarks/engine_cost.py``,
-interleaved medians; the VM's timings vary by about ±5 % between runs): on the Fig. 2b chains
-(4 and 16 layers of 512 tanh units) and a residual MLP of the same size the estimate costs
-1.86–1.95× a plain forward+backward at batch 128, where the same arithmetic written out by hand
-in plain torch operations (no autograd, no engine) costs 1.80–1.81×: two extra matrix products
-per layer and the element-wise rules are the floor on this machine, the graph mechanism adds
-about 0.1. The mechanism alone (the walk and the prehooks with rules that do nothing) costs
-1.04–1.07× at batch 128 and 1.0–1.15× at batch 1, about 2–4 µs per prehook and 10 µs per
-hooked node to plan (``register_prehook`` is most of it). The squares of weights and inputs go
-to a pool of reused buffers (:func:`hesscale.rules._registry.scratch_buffer`): fresh
-parameter-sized memory is page-faulted on every use on this VM, which made the hand-written
-recursion 2.0× instead of 1.8×.
+interleaved medians, two runs; timings vary by about ±5 % between runs and more between the
+VM's hosts): on the Fig. 2b chains (4 and 16 layers of 512 tanh units) and a residual MLP of
+the same size the estimate costs 1.90–2.00× a plain forward+backward at batch 128 (2.0–2.8×
+at batch 1), where the same arithmetic written out by hand in plain torch operations (no
+autograd, no engine) costs 1.63–1.73× on today's AMD EPYC host (1.80–1.81× on the host
+measured before): two extra matrix products per layer and the element-wise rules are the
+floor; the graph mechanism and the rules' Python add 0.2–0.3. The mechanism alone (the walk
+and the prehooks with rules that do nothing) costs 1.07–1.14× at batch 128 and 1.27–1.54× at
+batch 1, 40–110 µs per hooked node in all (``register_prehook`` and planning are most of it).
+The squares of weights and inputs go to a pool of reused buffers
+(:func:`hesscale.rules._registry.scratch_buffer`): fresh parameter-sized memory is
+page-faulted on every use on this VM, which made the hand-written recursion 2.0× instead of
+1.8×.
 """
 
 from __future__ import annotations
