@@ -56,11 +56,13 @@ def convolution_curvatures(
     scratch: dict | None = None,
 ):
     """Eq. 8–9: ``(ŝ_h, ŝ_W, ŝ_b)`` by one ``aten.convolution_backward`` on ``ŝ`` with ``h²``
-    and ``W²`` (symmetric zero padding; the squares are temporaries of ``scratch``)."""
+    and ``W²`` (symmetric zero padding; the squares are temporaries of ``scratch``). ``ŝ_h``
+    reads only ``W²`` and ``ŝ_W`` only ``h²``: a square nobody reads is not computed (the
+    backward then reads only the unsquared tensor's shape)."""
     return torch.ops.aten.convolution_backward(
         s_out,
-        squared(h, scratch, "input"),
-        squared(weight, scratch, "weight"),
+        squared(h, scratch, "input") if need_weight else h,
+        squared(weight, scratch, "weight") if need_input else weight,
         [weight.shape[1] * groups if transposed else weight.shape[0]] if need_bias else None,
         list(stride),
         list(padding),
@@ -129,7 +131,7 @@ def conv_rule(ctx: LayerContext) -> Backprop:
     if normalized:  # a train-mode BatchNorm reads the output: through its statistics
         groups = module.groups
 
-        def patches_of(squared_input):
+        def x_of(squared_input):
             return squared(h, ctx.scratch, "input") if squared_input else h
 
         def weight_gradient(u, x, weight):  # Σ_positions u ⊗ patches of x
@@ -148,7 +150,7 @@ def conv_rule(ctx: LayerContext) -> Backprop:
             )[1]
 
         def products(us, squared_input):  # one weight gradient (the patches once) if ungrouped
-            x = patches_of(squared_input)
+            x = x_of(squared_input)
             if groups > 1:
                 return [weight_gradient(u, x, module.weight) for u in us]
             shape = (len(us) * module.out_channels, *module.weight.shape[1:])
@@ -157,7 +159,7 @@ def conv_rule(ctx: LayerContext) -> Backprop:
             return list(both.split(module.out_channels))
 
         def sums(squared_input):  # u = 1 everywhere: the batch's sum of inputs, one channel
-            x = patches_of(squared_input).sum(0, keepdim=True)  # per group, then repeated
+            x = x_of(squared_input).sum(0, keepdim=True)  # per group, then repeated
             ones = s_out.new_ones(1, groups, *s_out.shape[2:])
             total = weight_gradient(ones, x, module.weight[:groups])
             return total.repeat_interleave(module.out_channels // groups, 0)
