@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import Backprop, LayerContext, NodeContext, operation_rule, register_rule, squared
-from .normalization import batch_normalized_weight_curvature
+from .normalization import batch_normalized_weight_curvature, layer_input
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -131,8 +131,7 @@ def conv_rule(ctx: LayerContext) -> Backprop:
     if normalized:  # a train-mode BatchNorm reads the output: through its statistics
         groups = module.groups
 
-        def x_of(squared_input):
-            return squared(h, ctx.scratch, "input") if squared_input else h
+        x_of = layer_input(h, ctx.scratch)
 
         def weight_gradient(u, x, weight):  # Σ_positions u ⊗ patches of x
             return torch.ops.aten.convolution_backward(

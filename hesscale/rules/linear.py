@@ -31,7 +31,7 @@ from ._registry import (
     squared,
     sum_to,
 )
-from .normalization import batch_normalized_weight_curvature
+from .normalization import batch_normalized_weight_curvature, layer_input
 
 
 def linear_rule(ctx: LayerContext) -> Backprop:
@@ -39,14 +39,13 @@ def linear_rule(ctx: LayerContext) -> Backprop:
     module = ctx.module
     ws, weight, scratch = ctx.workspace, module.weight, ctx.scratch
     if ctx.normalized is not None and ctx.input.dim() == 2:  # BatchNorm1d on (N, out)
-        x = ctx.input
+        x_of = layer_input(ctx.input, scratch)
 
         def products(us, squared_input):  # one product for all the u's
-            x_used = squared(x, scratch, "input") if squared_input else x
-            return list((torch.cat(us, 1).T @ x_used).split(module.out_features))
+            return list((torch.cat(us, 1).T @ x_of(squared_input)).split(module.out_features))
 
         def sums(squared_input):
-            return (squared(x, scratch, "input") if squared_input else x).sum(0, keepdim=True)
+            return x_of(squared_input).sum(0, keepdim=True)
 
         params = {
             "weight": batch_normalized_weight_curvature(

@@ -196,6 +196,21 @@ def batch_statistics(ctx: NodeContext) -> BatchStatistics:
     return BatchStatistics(x_hat, rstd, s, g, dims)
 
 
+def layer_input(x: Tensor, scratch: dict | None) -> Callable[[bool], Tensor]:
+    """``f(squared_input)``: a layer's input ``x``, or ``x²`` computed once (a temporary of
+    ``scratch``), as :func:`batch_normalized_weight_curvature`'s products ask for it."""
+    square: list[Tensor] = []
+
+    def get(squared_input: bool) -> Tensor:
+        if not squared_input:
+            return x
+        if not square:
+            square.append(squared(x, scratch, "input"))
+        return square[0]
+
+    return get
+
+
 def batch_normalized_weight_curvature(
     stats: BatchStatistics,
     weight_products: Callable[[list[Tensor], bool], list[Tensor]],
