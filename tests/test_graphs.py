@@ -4,6 +4,8 @@ side kept exact, and what is backpropagated being exactly what is estimated."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,8 +213,8 @@ def test_a_reused_module_gets_the_sum_over_its_calls(method):
             super().__init__()
             self.a1, self.a2 = nn.Linear(3, 3).to(D), nn.Linear(3, 3).to(D)
             self.b = nn.Linear(3, 2).to(D)
-            for copy in (self.a1, self.a2):
-                copy.load_state_dict(model.a.state_dict())
+            for layer in (self.a1, self.a2):
+                layer.load_state_dict(model.a.state_dict())
             self.b.load_state_dict(model.b.state_dict())
 
         def forward(self, x):
@@ -453,8 +455,6 @@ class LayerNormMLP(nn.Module):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("mode", ["train", "eval", "pre-ln", "post-ln"])
 def test_normalized_networks_have_an_exact_head(mode, method):
-    import copy
-
     torch.manual_seed(0)
     if mode in ("train", "eval"):
         model = NormResNet().to(D).train(mode == "train")
@@ -627,8 +627,6 @@ class EncoderStack(nn.Module):
 def test_a_transformer_encoder_in_eval_mode_runs_its_regular_path(method):
     """While an estimate is computed gradients are on, and PyTorch then takes the regular path
     (the fast path is for inference): the stack's head is exact and every estimate finite."""
-    import copy
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
