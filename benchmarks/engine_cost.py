@@ -165,7 +165,7 @@ def measure(make, batch: int, rounds: int, device: str):
         state = getattr(fresh, "_hesscale_state", None)
         if state is not None:
             kept += [t for ws in state.workspaces.values() for t in ws.values()]
-            kept += list(state.scratch.values())
+            kept += [buffer for buffer, _ in state.scratch.values()]
         memory[name] = resident + _bytes(kept) + peak_memory(run, device)
         hesscale.request(fresh.parameters(), None)
     nodes = graph_nodes(loss_fn(plain(x), y))

@@ -64,6 +64,7 @@ page-faulted on every use on this VM, which made the hand-written recursion 2.0�
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import weakref
 from contextlib import contextmanager
@@ -141,6 +142,8 @@ class _LayerCall:
     saved: object = None
     live_output: Tensor | None = None
     normalized: object = None  # the BatchStatistics of a train-mode BatchNorm fused into it
+    ctx: LayerContext | None = None  # prepared by the pass that hooks its node
+    targets: dict | None = None  # parameter name -> the parameter if estimated, else None
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class _Forward:
     def release(self) -> None:
         for call in self.calls:
             call.input = call.output = call.saved = call.live_output = call.normalized = None
+            call.ctx = None
         self.live_output = None
         self.loss = None
 
@@ -222,26 +226,28 @@ def _backward(root: Tensor, *args, **kwargs):
 class _NodeInfo:
     edges: tuple  # ((child, output_nr), ...) followed: next_functions, or a layer call's input
     leaf: bool = False  # an AccumulateGrad node: a parameter (or input) end of the graph
-    needs: tuple = ()
+    needs: tuple = ()  # per edge: whether its curvature is needed
+    params: tuple = ()  # per edge: the estimated parameter it ends in, or None
     network: bool = False
     rule: object = None
     calls: dict | None = None  # output_nr -> _LayerCall for a layer call's output node
     fuses: _LayerCall | None = None  # a train-mode BatchNorm: the layer whose weights it fuses
+    ctx: NodeContext | None = None  # prepared when the node is hooked; the rule's outputs vary
+
+
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
+_ALIAS = torch._C._functions.AliasBackward0
 
 
 def _is_leaf(node) -> bool:
-    return type(node).__name__ == "AccumulateGrad"
+    return type(node) is _ACCUMULATE_GRAD
 
 
 def _through_aliases(edge: tuple) -> tuple:
     """``edge``, or the edge below the identity ``AliasBackward0`` nodes that every operation
     on a ``_Traced`` tensor adds: they need no hook, their input gets what their output got."""
     node, nr = edge
-    while (
-        node is not None
-        and type(node).__name__ == "AliasBackward0"
-        and _OUTPUT_TAG not in node.metadata
-    ):
+    while type(node) is _ALIAS and _OUTPUT_TAG not in node.metadata:
         node, nr = node.next_functions[0]
     return node, nr
 
@@ -286,12 +292,14 @@ class _Pass:
         self.settings = first.state.settings
         self.scratch = first.state.scratch
         self.info: dict[object, _NodeInfo] = {}
-        self.curvature: dict[object, list] = {}
+        self.curvature: dict[tuple, Tensor] = {}  # (node, output_nr) -> ŝ received so far
+        self.announced: set[Tensor] = set()  # parameters with estimate hooks: written at once
         self.uses: dict[Tensor, int] = {}
         self.received: dict[Tensor, int] = {}
         self.estimates: dict[Tensor, Tensor] = {}
         self.handles: list[RemovableHandle] = []
         self.layer_params: dict[int, list[Tensor]] = {}  # id(call) -> its estimated parameters
+        self.consumers: dict[tuple, int] | None = None  # edge -> its number of consumers (lazy)
         # autocast of the backward's thread (autograd hands it to its device threads)
         self.autocast = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
@@ -299,8 +307,11 @@ class _Pass:
     def loss_factor(self) -> Tensor | None:
         """The factor by which the backward pass scaled an extended loss (set by a hook on the
         loss value during this backward), when all forward passes agree on one."""
-        factors = [f.loss_factor for f in self.forwards]
-        return factors[0] if all(f is factors[0] for f in factors) else None
+        forwards = self.forwards
+        first = forwards[0].loss_factor
+        if len(forwards) > 1 and any(f.loss_factor is not first for f in forwards):
+            return None
+        return first
 
     # --- planning -------------------------------------------------------------------------
     @classmethod
@@ -317,7 +328,7 @@ class _Pass:
                 continue
             if node in info:
                 continue
-            if type(node).__name__ == "AccumulateGrad":
+            if type(node) is _ACCUMULATE_GRAD:
                 info[node] = _NodeInfo((), leaf=True)
                 order.append(node)
                 continue
@@ -326,7 +337,9 @@ class _Pass:
             if calls is not None:
                 edges = _layer_inputs(node, calls)
             else:
-                edges = tuple(_through_aliases(e) for e in node.next_functions)
+                edges = node.next_functions
+                if any(type(child) is _ALIAS for child, _ in edges):
+                    edges = tuple(_through_aliases(e) for e in edges)
             info[node] = _NodeInfo(edges, calls=calls)
             forward = meta.get(_OUTPUT_TAG) if meta else None
             if forward is not None:
@@ -353,11 +366,13 @@ class _Pass:
         pass_ = cls(list(forwards.values()))
         pass_.info = info
         pass_._mark_network(markers)
-        pass_._mark_needs(order)
-        if pass_.method.monte_carlo:
-            pass_._plan_monte_carlo()
-        else:
-            pass_._register_rules()
+        try:
+            pass_._prepare(order)
+            if pass_.method.monte_carlo:
+                pass_._plan_monte_carlo()
+        except BaseException:
+            pass_.finish()
+            raise
         global _last_pass_id
         _last_pass_id = pass_.id
         return pass_
@@ -380,34 +395,156 @@ class _Pass:
             info.network = True
             stack.extend(child for child, _ in info.edges if child is not None)
 
-    def _mark_needs(self, order) -> None:
-        """Post-order: a node is useful if a wanted estimate lies below it; count the uses."""
+    def _prepare(self, order) -> None:
+        """Post-order over the graph: a node is useful if a wanted estimate lies below it;
+        count each parameter's uses; give each useful node its rule and prehook (GGN-MC hooks
+        the network output only, see :meth:`_plan_monte_carlo`)."""
         useful: dict[object, bool] = {}
+        uses = self.uses
+        hooked = []
         for node in order:
             info = self.info[node]
             if info.leaf:
                 useful[node] = self._estimated(node.variable)
                 continue
-            info.needs = tuple(child is not None and useful[child] for child, _ in info.edges)
+            edges = info.edges
+            needs = info.needs = tuple(child is not None and useful[child] for child, _ in edges)
             own = False
             if info.calls is not None:
                 for call in info.calls.values():
-                    params = self._layer_params(call)
-                    own = own or bool(params)
-                    for p in params:
-                        self.uses[p] = self.uses.get(p, 0) + 1
-            for (child, _), need in zip(info.edges, info.needs):
-                if need and _is_leaf(child):
-                    p = child.variable
-                    self.uses[p] = self.uses.get(p, 0) + 1
-            useful[node] = own or any(info.needs)
-        self.useful = useful
+                    for p in self._layer_params(call):
+                        own = True
+                        uses[p] = uses.get(p, 0) + 1
+            if True in needs:
+                info.params = params = tuple(
+                    child.variable if need and type(child) is _ACCUMULATE_GRAD else None
+                    for (child, _), need in zip(edges, needs)
+                )
+                for p in params:
+                    if p is not None:
+                        uses[p] = uses.get(p, 0) + 1
+            elif not own:
+                useful[node] = False
+                continue
+            else:
+                info.params = (None,) * len(edges)
+            useful[node] = True
+            hooked.append((node, info))
+        if self.options.announce:
+            self.announced = {p for p in uses if getattr(p, _ESTIMATE_HOOKS, None)}
+        if not self.method.monte_carlo:
+            for node, info in hooked:
+                self._hook(node, info)
+
+    def _hook(self, node, info: _NodeInfo) -> None:
+        """Check that ``node`` can be computed, prepare what its rule will see, and register
+        the prehook that applies the rule. Everything that does not depend on the gradients is
+        done here, in one loop before autograd runs: Python between the backward pass's large
+        operations runs on cold caches, several times slower."""
+        if info.calls is not None:
+            for call in info.calls.values():
+                self._prepare_layer(info, call)
+        else:
+            info.rule = node_rule_for(node)
+            if info.rule is None:
+                attention = type(node).__name__.startswith("ScaledDotProduct")
+                self._refuse(
+                    node,
+                    "has no HesScale rule",
+                    "PyTorch chose an attention kernel hesscale has no rule for (it has "
+                    "one for the fused CPU kernel): run the model under "
+                    "torch.nn.attention.sdpa_kernel(SDPBackend.MATH), whose matrix products "
+                    "and softmax have rules, or on the CPU."
+                    if attention
+                    else "Register one with hesscale.register_rule (for your own layer or "
+                    "torch.autograd.Function), or compute it with supported operations "
+                    f"({len(supported_operations())} are, e.g. "
+                    "AddmmBackward0, ConvolutionBackward0, TanhBackward0, MulBackward0).",
+                )
+            info.fuses = self._fused_layer(node, info)
+            if self.options.individual and any(p is not None for p in info.params):
+                self._refuse(
+                    node,
+                    "uses a parameter outside a layer with a per-example rule",
+                    "Per-example estimates (individual=True) are computed by layer rules "
+                    "(nn.Linear, convolutions, nn.Embedding): put the parameter in such a "
+                    "module, or use individual=False.",
+                )
+            info.ctx = NodeContext(
+                node=node,
+                grad_outputs=(),
+                curvature_outputs=(),
+                needs=info.needs,
+                second_order=self.method.second_order_term or not info.network,
+                method=self.method,
+                dtype=self.dtype,
+                settings=self.settings,
+                scratch=self.scratch,
+            )
+        self.handles.append(node.register_prehook(partial(_on_node, self, node)))
+
+    def _prepare_layer(self, info: _NodeInfo, call: _LayerCall) -> None:
+        """The layer call's context, complete but for the gradient and curvature at its output."""
+        if call.input is None:
+            raise RuntimeError(
+                "hesscale computes its estimates once per forward pass; run the forward "
+                "pass again before another backward through the same graph"
+            )
+        if call.output is not None and call.output._version != call.version:
+            raise RuntimeError(
+                f"the output of module '{call.path}' was modified in place after the module ran; "
+                "its rule needs it as the module returned it"
+            )
+        dtype, options = self.dtype, self.options
+        shape, out_dtype, _ = call.output_like
+        out_dtype = dtype if dtype is not None and out_dtype.is_floating_point else out_dtype
+        if call.output is not None:
+            output = _as(call.output, dtype)
+        else:  # the rule reads only its shape and dtype
+            output = _meta_tensor(shape, out_dtype)
+        params = self._layer_params(call)
+        single_use = all(self.uses.get(p, 1) == 1 for p in params)
+        call.ctx = LayerContext(
+            module=call.module,
+            input=_as(call.input, dtype),
+            output=output,
+            grad_output=None,
+            curvature_output=None,
+            saved=call.saved,
+            method=self.method,
+            need_input_curvature=bool(info.needs) and info.needs[0],
+            individual=options.individual,
+            workspace=(
+                call.forward.state.workspaces.setdefault(call.module, {})
+                if options.reuse_buffers and not options.individual and single_use
+                else None
+            ),
+            second_order=self.method.second_order_term or not info.network,
+            scratch=self.scratch,
+        )
+        self._layer_targets(call)
+
+    def _layer_targets(self, call: _LayerCall) -> dict:
+        """``{name: parameter if its estimate is wanted, else None}`` over the module's
+        parameters, the names a layer rule returns estimates under."""
+        if call.targets is None:
+            module = call.module
+            named = module._parameters.items() if not module._modules else module.named_parameters()
+            wanted = self._layer_params(call)
+            call.targets = {
+                name: p if any(p is q for q in wanted) else None
+                for name, p in named
+                if p is not None
+            }
+        return call.targets
 
     def _layer_params(self, call: _LayerCall) -> list[Tensor]:
         params = self.layer_params.get(id(call))
         if params is None:
+            module = call.module
+            own = module._parameters.values() if not module._modules else module.parameters()
             params = self.layer_params[id(call)] = [
-                p for p in call.module.parameters() if p.requires_grad and self._estimated(p)
+                p for p in own if p is not None and p.requires_grad and self._estimated(p)
             ]
         return params
 
@@ -447,48 +584,6 @@ class _Pass:
                     self.consumers[edge] = self.consumers.get(edge, 0) + 1
         return call if self.consumers[(child, nr)] == 1 else None
 
-    def _register_rules(self) -> None:
-        individual = self.options.individual
-        self.consumers = None
-        for node, info in self.info.items():
-            if info.leaf or not self.useful[node]:
-                continue
-            for call in (info.calls or {}).values():
-                if call.input is None:
-                    raise RuntimeError(
-                        "hesscale computes its estimates once per forward pass; run the forward "
-                        "pass again before another backward through the same graph"
-                    )
-            if info.calls is None:
-                info.rule = node_rule_for(node)
-                if info.rule is None:
-                    attention = type(node).__name__.startswith("ScaledDotProduct")
-                    self._refuse(
-                        node,
-                        "has no HesScale rule",
-                        "PyTorch chose an attention kernel hesscale has no rule for (it has "
-                        "one for the fused CPU kernel): run the model under "
-                        "torch.nn.attention.sdpa_kernel(SDPBackend.MATH), whose matrix products "
-                        "and softmax have rules, or on the CPU."
-                        if attention
-                        else "Register one with hesscale.register_rule (for your own layer or "
-                        "torch.autograd.Function), or compute it with supported operations "
-                        f"({len(supported_operations())} are, e.g. "
-                        "AddmmBackward0, ConvolutionBackward0, TanhBackward0, MulBackward0).",
-                    )
-                info.fuses = self._fused_layer(node, info)
-                if individual and any(
-                    need and _is_leaf(child) for (child, _), need in zip(info.edges, info.needs)
-                ):
-                    self._refuse(
-                        node,
-                        "uses a parameter outside a layer with a per-example rule",
-                        "Per-example estimates (individual=True) are computed by layer rules "
-                        "(nn.Linear, convolutions, nn.Embedding): put the parameter in such a "
-                        "module, or use individual=False.",
-                    )
-            self.handles.append(node.register_prehook(partial(_on_node, self, node)))
-
     def _plan_monte_carlo(self) -> None:
         if len(self.forwards) != 1:
             raise UnsupportedModuleError(
@@ -497,18 +592,17 @@ class _Pass:
             )
         forward = self.forwards[0]
         for node, info in self.info.items():
-            if _is_leaf(node) or info.calls is not None:
+            if info.leaf or info.calls is not None:
                 continue
-            for (child, _), need in zip(info.edges, info.needs):
-                if need and _is_leaf(child):
-                    self._refuse(
-                        node,
-                        "uses a parameter outside a layer with a per-example rule",
-                        "GGN-MC squares per-example gradients of layers (nn.Linear, "
-                        "convolutions, nn.Embedding) and samples only the loss Hessian, so "
-                        "penalties and functional uses of parameters are not included: use "
-                        "method='hesscale'.",
-                    )
+            if any(p is not None for p in info.params):
+                self._refuse(
+                    node,
+                    "uses a parameter outside a layer with a per-example rule",
+                    "GGN-MC squares per-example gradients of layers (nn.Linear, "
+                    "convolutions, nn.Embedding) and samples only the loss Hessian, so "
+                    "penalties and functional uses of parameters are not included: use "
+                    "method='hesscale'.",
+                )
         if forward.loss is None or forward.live_output is None:
             raise UnsupportedModuleError(
                 "GGN-MC needs the loss's Hessian at the network output: extend the loss "
@@ -530,19 +624,20 @@ class _Pass:
     # --- running --------------------------------------------------------------------------
     def add(self, node, output_nr: int, s: Tensor) -> None:
         s = _as(s, self.dtype)  # autograd's own backward (selections) keeps the ops' dtype
-        slots = self.curvature.get(node)
-        if slots is None:
-            slots = self.curvature[node] = [None] * len(node._input_metadata)
-        current = slots[output_nr]
-        slots[output_nr] = s if current is None else current + s
+        key = (node, output_nr)
+        current = self.curvature.get(key)
+        self.curvature[key] = s if current is None else current + s
 
     def add_estimate(self, p: Tensor, estimate: Tensor) -> None:
+        """Add one use's estimate of ``p``. It is written to ``p.hess_diag`` when the backward
+        pass ends, or as soon as all uses are in when ``p`` has estimate hooks to run."""
         estimate = _as(estimate, self.dtype)
         current = self.estimates.get(p)
         self.estimates[p] = estimate if current is None else current + estimate
-        self.received[p] = self.received.get(p, 0) + 1
-        if self.received[p] == self.uses.get(p, 1):
-            self._write(p)
+        if p in self.announced:
+            self.received[p] = self.received.get(p, 0) + 1
+            if self.received[p] == self.uses.get(p, 1):
+                self._write(p)
 
     def _write(self, p: Tensor) -> None:
         estimate = self.estimates.pop(p)
@@ -554,7 +649,7 @@ class _Pass:
         factor = self.loss_factor
         if factor is not None and self.method.monte_carlo:  # factors sample the unscaled loss
             estimate = estimate * factor
-        setattr(p, ESTIMATE_ATTRIBUTE, estimate.detach())
+        setattr(p, ESTIMATE_ATTRIBUTE, estimate.detach() if estimate.requires_grad else estimate)
         setattr(p, _ESTIMATE_ID, self.id)
         setattr(p, _LOSS_FACTOR, factor)
         hooks = getattr(p, _ESTIMATE_HOOKS, None) if self.options.announce else None
@@ -565,13 +660,12 @@ class _Pass:
     def finish(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for p in list(self.estimates):  # uses that autograd never reached (no gradient)
+        for p in list(self.estimates):  # all but the announced ones, and uses never reached
             self._write(p)
         for f in self.forwards:
             f.release()
         self.curvature.clear()
         self.info.clear()
-        self.useful = {}
 
 
 def _on_node(pass_: _Pass, node, grads):
@@ -601,24 +695,19 @@ def _as(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 def _apply(pass_: _Pass, node, grads) -> None:
     info = pass_.info[node]
     dtype = pass_.dtype
-    slots = pass_.curvature.pop(node, None)
-    grads = tuple(_as(g, dtype) for g in grads)
+    if dtype is not None and any(g is not None and g.dtype != dtype for g in grads):
+        grads = tuple(_as(g, dtype) for g in grads)
+    curvature = pass_.curvature
+    if len(grads) == 1:
+        outputs = (curvature.pop((node, 0), None),)
+    else:
+        outputs = tuple(curvature.pop((node, nr), None) for nr in range(len(grads)))
     if info.calls is not None:
         for output_nr, call in info.calls.items():
-            s = slots[output_nr] if slots is not None else None
-            _apply_layer(pass_, info, call, grads[output_nr], s)
+            _apply_layer(pass_, info, call, grads[output_nr], outputs[output_nr])
         return
-    ctx = NodeContext(
-        node=node,
-        grad_outputs=grads,
-        curvature_outputs=tuple(slots) if slots is not None else (None,) * len(grads),
-        needs=info.needs,
-        second_order=pass_.method.second_order_term or not info.network,
-        method=pass_.method,
-        dtype=dtype,
-        settings=pass_.settings,
-        scratch=pass_.scratch,
-    )
+    ctx = info.ctx
+    ctx.grad_outputs, ctx.curvature_outputs = grads, outputs
     try:
         results = info.rule(ctx)
     except NotImplementedError as error:
@@ -630,76 +719,58 @@ def _apply(pass_: _Pass, node, grads) -> None:
             f"the rule of {type(node).__name__} returned {len(results)} curvatures for "
             f"{len(info.edges)} inputs; return one (or None) per input"
         )
-    for (child, output_nr), need, s in zip(info.edges, info.needs, results):
+    for (child, output_nr), need, param, s in zip(info.edges, info.needs, info.params, results):
         if not need or s is None:
             continue
-        if _is_leaf(child):
-            pass_.add_estimate(child.variable, s)
+        if param is not None:
+            pass_.add_estimate(param, s)
         else:
             pass_.add(child, output_nr, s)
+    info.ctx = None
 
 
 def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> None:
-    if call.output is not None and call.output._version != call.version:
-        raise RuntimeError(
-            f"the output of module '{call.path}' was modified in place after the module ran; "
-            "its rule needs it as the module returned it"
-        )
-    dtype = pass_.dtype
-    shape, out_dtype, device = call.output_like
-    out_dtype = dtype if dtype is not None and out_dtype.is_floating_point else out_dtype
-    if call.output is not None:
-        output = _as(call.output, dtype)
-    else:  # the rule reads only its shape and dtype
-        output = torch.empty(shape, dtype=out_dtype, device="meta")
-    if grad is None:
-        grad = torch.zeros(shape, dtype=out_dtype, device=device)
-    if s is None:
-        s = torch.zeros(shape, dtype=out_dtype, device=device)
-    params = pass_._layer_params(call)
-    need_input = bool(info.needs) and info.needs[0]
-    single_use = all(pass_.uses.get(p, 1) == 1 for p in params)
-    options = pass_.options
-    ctx = LayerContext(
-        module=call.module,
-        input=_as(call.input, dtype),
-        output=output,
-        grad_output=grad,
-        curvature_output=s,
-        saved=call.saved,
-        method=pass_.method,
-        need_input_curvature=need_input,
-        individual=options.individual,
-        workspace=(
-            call.forward.state.workspaces.setdefault(call.module, {})
-            if options.reuse_buffers and not options.individual and single_use
-            else None
-        ),
-        second_order=pass_.method.second_order_term or not info.network,
-        scratch=pass_.scratch,
-        normalized=call.normalized,
-    )
+    ctx = call.ctx
+    if grad is None or s is None:
+        shape, _, device = call.output_like
+        dtype = ctx.output.dtype
+        grad = torch.zeros(shape, dtype=dtype, device=device) if grad is None else grad
+        s = torch.zeros(shape, dtype=dtype, device=device) if s is None else s
+    ctx.grad_output, ctx.curvature_output, ctx.normalized = grad, s, call.normalized
     result: Backprop = call.rule.backprop(ctx)
-    _store_layer(pass_, call, result.parameters, params)
-    if need_input:
+    _store_layer(pass_, call, result.parameters)
+    if ctx.need_input_curvature:
         if result.curvature_input is None:
             raise RuntimeError(f"the rule of '{call.path}' returned no input curvature")
-        child, nr = info.edges[0]
-        if _is_leaf(child):
-            pass_.add_estimate(child.variable, result.curvature_input)
+        if info.params[0] is not None:
+            pass_.add_estimate(info.params[0], result.curvature_input)
         else:
+            child, nr = info.edges[0]
             pass_.add(child, nr, result.curvature_input)
-    call.input = call.output = call.saved = call.normalized = None
+    call.input = call.output = call.saved = call.normalized = call.ctx = None
 
 
-def _store_layer(pass_: _Pass, call: _LayerCall, estimates: dict, params: list[Tensor]) -> None:
-    """Hand a layer rule's parameter estimates to the pass; shapes are checked."""
-    wanted = {id(p) for p in params}
+@functools.lru_cache(maxsize=1024)
+def _meta_tensor(shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """A tensor of this shape and dtype on the ``meta`` device (no memory), for rules that read
+    only the shape and dtype of a layer's output; shared, as making one costs more than a small
+    layer's rule."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _store_layer(pass_: _Pass, call: _LayerCall, estimates: dict) -> None:
+    """Hand a layer rule's parameter estimates to the pass; names and shapes are checked."""
     individual = pass_.options.individual
+    targets = pass_._layer_targets(call)
     for name, estimate in estimates.items():
-        param = call.module.get_parameter(name)
-        if id(param) not in wanted:
+        param = targets.get(name, targets)
+        if param is None:  # not estimated in this pass
             continue
+        if param is targets:
+            raise RuntimeError(
+                f"the rule of '{call.path}' returned an estimate for '{name}', which is not a "
+                f"parameter of {type(call.module).__name__} (it has {sorted(targets)})"
+            )
         expected = (len(call.input), *param.shape) if individual else param.shape
         if estimate.shape != expected:
             raise RuntimeError(
@@ -723,7 +794,7 @@ def _monte_carlo(pass_: _Pass, forward: _Forward) -> None:
         forward.calls, forward.live_output, factors, options.individual, pass_.dtype
     )
     for call, estimates in sampled:
-        _store_layer(pass_, call, estimates, pass_._layer_params(call))
+        _store_layer(pass_, call, estimates)
 
 
 def _computed_weights(module: nn.Module) -> bool:
@@ -904,9 +975,9 @@ def _trace(output, forward: _Forward):
     if isinstance(output, Tensor):
         if not output.requires_grad or isinstance(output, _Traced):
             return output
-        with torch._C.DisableTorchFunctionSubclass():
+        with torch._C.DisableTorchFunctionSubclass():  # a _Traced's attributes dispatch
             traced = _Mark.apply(output)
-        traced.grad_fn.metadata[_OUTPUT_TAG] = forward
+            traced.grad_fn.metadata[_OUTPUT_TAG] = forward
         return traced
     if isinstance(output, tuple) and hasattr(output, "_fields"):  # namedtuple
         return type(output)(*(_trace(o, forward) for o in output))
@@ -920,10 +991,15 @@ def _trace(output, forward: _Forward):
 
 
 def _on_loss(module, args, kwargs, output):
-    """Forward hook of an extended loss on a network output: record the call (GGN-MC samples
-    factors of its Hessian) and, on its value, the factor ``c = ∂(backpropagated)/∂L`` by which
-    the backward pass scales it (``(c * loss).backward()``, a GradScaler)."""
-    bound = bind_loss_arguments(module, args, kwargs)
+    """Forward hook of an extended loss on a network output: record the call under GGN-MC
+    (which samples factors of its Hessian) and, on its value, the factor
+    ``c = ∂(backpropagated)/∂L`` by which the backward pass scales it (``(c * loss).backward()``,
+    a GradScaler)."""
+    with torch._C.DisableTorchFunctionSubclass():  # a _Traced's attributes dispatch
+        _record_loss(module, bind_loss_arguments(module, args, kwargs), output)
+
+
+def _record_loss(module, bound: dict, output) -> None:
     consumers = []
     for role in ("input", "var"):
         tensor = bound.get(role)
@@ -932,10 +1008,11 @@ def _on_loss(module, args, kwargs, output):
         forward = tensor.grad_fn.metadata.get(_OUTPUT_TAG)
         if forward is None:
             continue
-        arguments = {
-            k: _plain(v.detach()) if isinstance(v, Tensor) else v for k, v in bound.items()
-        }
-        forward.loss = _LossCall(module, arguments, role)
+        if forward.method.monte_carlo:
+            arguments = {
+                k: _plain(v.detach()) if isinstance(v, Tensor) else v for k, v in bound.items()
+            }
+            forward.loss = _LossCall(module, arguments, role)
         consumers.append(forward)
     if consumers and isinstance(output, Tensor) and output.requires_grad:
         output.register_hook(partial(_set_loss_factor, consumers))

@@ -19,6 +19,7 @@ have no rule, and for the layers whose parameters need per-example estimates
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from .._errors import UnsupportedModuleError
 from .._methods import Method
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LayerContext:
     """What a layer rule sees of one module call.
 
@@ -310,15 +311,20 @@ def scratch_buffer(scratch: dict, tag: str, shape, dtype, device) -> Tensor:
     """An uninitialised temporary shaped ``shape`` from the pool ``scratch``: one flat buffer
     per ``(tag, dtype, device)``, grown to the largest size asked for, so that a backward pass
     re-uses memory that is already mapped instead of page-faulting fresh memory for every
-    layer (on CPU that costs more than the arithmetic). Distinct tags never share memory."""
-    numel = 1
-    for n in shape:
-        numel *= n
+    layer (on CPU that costs more than the arithmetic). Distinct tags never share memory. The
+    view of each shape is made once per buffer and handed out again (a slice and a view cost
+    more than a small layer's arithmetic)."""
     key = (tag, dtype, device)
-    buf = scratch.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = scratch[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(shape)
+    entry = scratch.get(key)  # (flat buffer, {shape: view of it})
+    if entry is not None:
+        view = entry[1].get(shape)
+        if view is not None:
+            return view
+    numel = math.prod(shape)
+    if entry is None or entry[0].numel() < numel:
+        entry = scratch[key] = (torch.empty(numel, dtype=dtype, device=device), {})
+    view = entry[1][tuple(shape)] = entry[0][:numel].view(shape)
+    return view
 
 
 def squared(t: Tensor, scratch: dict | None = None, tag: str = "square") -> Tensor:

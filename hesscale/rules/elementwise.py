@@ -131,18 +131,26 @@ def _result(ctx):
     return ctx.saved("result")
 
 
+def _times_derivative(backward, t, h):
+    """``t ⊙ σ'`` by ATen's backward kernel ``backward(t, h)``, in place unless ``t`` is part of
+    a graph (``backward(create_graph=True)``: out= variants are not differentiable)."""
+    return backward(t, h) if t.requires_grad else backward.grad_input(t, h, grad_input=t)
+
+
 def _tanh_both(ctx, s, g):
-    """``u (u ŝ − 2 h g)`` with ``u = 1 − h²``: σ'² ŝ + σ'' g in four passes."""
+    """``u (u ŝ − 2 h g)`` with ``u = 1 − h²``, in three passes: ATen's fused tanh backward
+    kernel multiplies by ``u`` in one (``v ↦ v (1 − h²)``)."""
     h = _result(ctx)
-    u = torch.mul(h, h).neg_().add_(1)
-    return torch.mul(u, s).addcmul_(h, g, value=-2).mul_(u)
+    t = _aten.tanh_backward(s, h).addcmul_(h, g, value=-2)
+    return _times_derivative(_aten.tanh_backward, t, h)
 
 
 def _sigmoid_both(ctx, s, g):
-    """``u (u ŝ + (1 − 2h) g)`` with ``u = h − h²``."""
+    """``u (u ŝ + (1 − 2h) g)`` with ``u = h − h²``, in four passes (ATen's sigmoid backward
+    kernel multiplies by ``u`` in one)."""
     h = _result(ctx)
-    u = torch.addcmul(h, h, h, value=-1)
-    return torch.mul(u, s).add_(g).addcmul_(h, g, value=-2).mul_(u)
+    t = _aten.sigmoid_backward(s, h).add_(g).addcmul_(h, g, value=-2)
+    return _times_derivative(_aten.sigmoid_backward, t, h)
 
 
 TABLE: dict[str, Elementwise] = {

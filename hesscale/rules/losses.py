@@ -15,6 +15,7 @@ targets and broadcasting.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -152,6 +153,13 @@ def check_loss(module: nn.Module) -> None:
         )
 
 
+@functools.cache
+def _forward_signature(loss_type: type) -> inspect.Signature:
+    return inspect.signature(loss_type.forward)
+
+
 def bind_loss_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     """The loss call's arguments by name (``input``, ``target``, ``var``)."""
-    return inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    arguments = _forward_signature(type(module)).bind(module, *args, **kwargs).arguments
+    arguments.pop(next(iter(arguments)))  # self
+    return arguments
