@@ -86,7 +86,6 @@ from .rules._registry import (
     LayerContext,
     Rule,
     Settings,
-    register_rule,
     supported_operations,
 )
 from .rules.losses import bind_loss_arguments, check_loss, is_loss
@@ -243,13 +242,19 @@ def _is_leaf(node) -> bool:
     return type(node) is _ACCUMULATE_GRAD
 
 
-def _through_aliases(edge: tuple) -> tuple:
-    """``edge``, or the edge below the identity ``AliasBackward0`` nodes that every operation
-    on a ``_Traced`` tensor adds: they need no hook, their input gets what their output got."""
+def _below_identities(edge: tuple, markers: dict) -> tuple:
+    """``edge``, or the edge below the identity nodes on it, which need no hook (their input
+    gets what their output got): the ``AliasBackward0`` nodes that every operation on a
+    ``_Traced`` tensor adds, and the marks of network outputs (:class:`_Mark`), which are
+    recorded in ``markers`` (node -> its ``_Forward``)."""
     node, nr = edge
-    while type(node) is _ALIAS and _OUTPUT_TAG not in node.metadata:
+    while True:
+        kind = type(node)
+        if kind is _MARK_NODE:
+            markers[node] = node.metadata[_OUTPUT_TAG]
+        elif kind is not _ALIAS:
+            return node, nr
         node, nr = node.next_functions[0]
-    return node, nr
 
 
 def _layer_inputs(output_node, calls: dict) -> tuple:
@@ -316,10 +321,11 @@ class _Pass:
     # --- planning -------------------------------------------------------------------------
     @classmethod
     def plan(cls, root: Tensor) -> _Pass | None:
-        start = _through_aliases((root.grad_fn, 0))[0]
+        markers: dict = {}  # the marks of network outputs -> their _Forward
+        start = _below_identities((root.grad_fn, 0), markers)[0]
         if start is None:
             return None
-        order, info, forwards, markers = [], {}, {}, []
+        order, info = [], {}
         stack = [(start, False)]
         while stack:
             node, expanded = stack.pop()
@@ -334,21 +340,17 @@ class _Pass:
                 continue
             meta = node.metadata
             calls = meta.get(_LAYER_TAG) if meta else None
-            if calls is not None:
-                edges = _layer_inputs(node, calls)
-            else:
-                edges = node.next_functions
-                if any(type(child) is _ALIAS for child, _ in edges):
-                    edges = tuple(_through_aliases(e) for e in edges)
+            edges = _layer_inputs(node, calls) if calls is not None else node.next_functions
+            for child, _ in edges:
+                if type(child) is _ALIAS or type(child) is _MARK_NODE:
+                    edges = tuple(_below_identities(e, markers) for e in edges)
+                    break
             info[node] = _NodeInfo(edges, calls=calls)
-            forward = meta.get(_OUTPUT_TAG) if meta else None
-            if forward is not None:
-                forwards[id(forward)] = forward
-                markers.append((node, forward))
             stack.append((node, True))
             for child, _ in edges:
                 if child is not None and child not in info:
                     stack.append((child, False))
+        forwards = {id(f): f for f in markers.values()}
         if not forwards:
             return None
         methods = {f.method.name for f in forwards.values()}
@@ -382,11 +384,12 @@ class _Pass:
             return True
         return any(f.forced and p in f.state.param_set for f in self.forwards)
 
-    def _mark_network(self, markers) -> None:
+    def _mark_network(self, markers: dict) -> None:
+        """Mark the nodes below the network outputs: there HesScaleGN drops the second-order
+        terms."""
         self.markers = markers
-        stack = [
-            child for node, _ in markers for child, _ in self.info[node].edges if child is not None
-        ]
+        stack = [_below_identities(node.next_functions[0], {})[0] for node in markers]
+        stack = [node for node in stack if node is not None]
         while stack:
             node = stack.pop()
             info = self.info[node]
@@ -618,7 +621,7 @@ class _Pass:
                         "calls; its per-example gradients would have to be summed before "
                         "squaring, which is not supported: use method='hesscale'"
                     )
-        output_alias = next(node for node, f in self.markers if f is forward)
+        output_alias = next(node for node, f in self.markers.items() if f is forward)
         self.handles.append(output_alias.register_prehook(partial(_on_monte_carlo, self, forward)))
 
     # --- running --------------------------------------------------------------------------
@@ -966,7 +969,7 @@ class _Mark(torch.autograd.Function):
         return grad
 
 
-register_rule(_Mark, lambda ctx: (ctx.curvature_outputs[0],))  # J = I
+_MARK_NODE = _Mark._backward_cls  # never hooked: the planner passes through it
 
 
 def _trace(output, forward: _Forward):
