@@ -37,7 +37,8 @@ with respect to itself) and whatever gradient the backward starts with, so the e
 exactly what is backpropagated. At a layer call the layer rule replaces the operations inside
 the module and hands ``ŝ_x`` to the producer of the module's input. Parameters are the graph's
 leaves (``AccumulateGrad``): one used in several places (a module called twice, tied weights)
-gets the sum over its uses, written to ``p.hess_diag`` when the last use is in.
+gets the sum over its uses, written to ``p.hess_diag`` when the backward pass ends (as soon as
+the last use is in for a parameter with estimate hooks, :func:`register_estimate_hook`).
 
 GGN-MC does not propagate ``ŝ``: at the network output's node it samples factors of the loss
 Hessian and backpropagates them to the layer calls with one batched ``autograd.grad``.
@@ -298,10 +299,11 @@ class _Pass:
         self.scratch = first.state.scratch
         self.info: dict[object, _NodeInfo] = {}
         self.curvature: dict[tuple, Tensor] = {}  # (node, output_nr) -> ŝ received so far
-        self.announced: set[Tensor] = set()  # parameters with estimate hooks: written at once
-        self.uses: dict[Tensor, int] = {}
-        self.received: dict[Tensor, int] = {}
-        self.estimates: dict[Tensor, Tensor] = {}
+        # per parameter, keyed by id(p) (a tensor's __hash__ is a Python function):
+        self.announced: set[int] = set()  # those with estimate hooks: written at once
+        self.uses: dict[int, int] = {}  # how many uses send an estimate
+        self.received: dict[int, int] = {}
+        self.estimates: dict[int, tuple[Tensor, Tensor]] = {}  # (p, sum of its uses so far)
         self.handles: list[RemovableHandle] = []
         self.layer_params: dict[int, list[Tensor]] = {}  # id(call) -> its estimated parameters
         self.consumers: dict[tuple, int] | None = None  # edge -> its number of consumers (lazy)
@@ -404,6 +406,7 @@ class _Pass:
         the network output only, see :meth:`_plan_monte_carlo`)."""
         useful: dict[object, bool] = {}
         uses = self.uses
+        used: dict[int, Tensor] = {}
         hooked = []
         for node in order:
             info = self.info[node]
@@ -417,7 +420,8 @@ class _Pass:
                 for call in info.calls.values():
                     for p in self._layer_params(call):
                         own = True
-                        uses[p] = uses.get(p, 0) + 1
+                        uses[id(p)] = uses.get(id(p), 0) + 1
+                        used[id(p)] = p
             if True in needs:
                 info.params = params = tuple(
                     child.variable if need and type(child) is _ACCUMULATE_GRAD else None
@@ -425,7 +429,8 @@ class _Pass:
                 )
                 for p in params:
                     if p is not None:
-                        uses[p] = uses.get(p, 0) + 1
+                        uses[id(p)] = uses.get(id(p), 0) + 1
+                        used[id(p)] = p
             elif not own:
                 useful[node] = False
                 continue
@@ -434,7 +439,7 @@ class _Pass:
             useful[node] = True
             hooked.append((node, info))
         if self.options.announce:
-            self.announced = {p for p in uses if getattr(p, _ESTIMATE_HOOKS, None)}
+            self.announced = {key for key, p in used.items() if getattr(p, _ESTIMATE_HOOKS, None)}
         if not self.method.monte_carlo:
             for node, info in hooked:
                 self._hook(node, info)
@@ -506,7 +511,7 @@ class _Pass:
         else:  # the rule reads only its shape and dtype
             output = _meta_tensor(shape, out_dtype)
         params = self._layer_params(call)
-        single_use = all(self.uses.get(p, 1) == 1 for p in params)
+        single_use = all(self.uses.get(id(p), 1) == 1 for p in params)
         call.ctx = LayerContext(
             module=call.module,
             input=_as(call.input, dtype),
@@ -626,7 +631,8 @@ class _Pass:
 
     # --- running --------------------------------------------------------------------------
     def add(self, node, output_nr: int, s: Tensor) -> None:
-        s = _as(s, self.dtype)  # autograd's own backward (selections) keeps the ops' dtype
+        if s.dtype != self.dtype:  # autograd's own backward (selections) keeps the ops' dtype
+            s = _as(s, self.dtype)
         key = (node, output_nr)
         current = self.curvature.get(key)
         self.curvature[key] = s if current is None else current + s
@@ -634,16 +640,17 @@ class _Pass:
     def add_estimate(self, p: Tensor, estimate: Tensor) -> None:
         """Add one use's estimate of ``p``. It is written to ``p.hess_diag`` when the backward
         pass ends, or as soon as all uses are in when ``p`` has estimate hooks to run."""
-        estimate = _as(estimate, self.dtype)
-        current = self.estimates.get(p)
-        self.estimates[p] = estimate if current is None else current + estimate
-        if p in self.announced:
-            self.received[p] = self.received.get(p, 0) + 1
-            if self.received[p] == self.uses.get(p, 1):
-                self._write(p)
+        if estimate.dtype != self.dtype:
+            estimate = _as(estimate, self.dtype)
+        key = id(p)
+        current = self.estimates.get(key)
+        self.estimates[key] = (p, estimate if current is None else current[1] + estimate)
+        if key in self.announced:
+            received = self.received[key] = self.received.get(key, 0) + 1
+            if received == self.uses.get(key, 1):
+                self._write(*self.estimates.pop(key))
 
-    def _write(self, p: Tensor) -> None:
-        estimate = self.estimates.pop(p)
+    def _write(self, p: Tensor, estimate: Tensor) -> None:
         if self.options.individual is False and estimate.shape != p.shape:
             raise RuntimeError(
                 f"a rule returned an estimate of shape {tuple(estimate.shape)} for a parameter "
@@ -663,8 +670,9 @@ class _Pass:
     def finish(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for p in list(self.estimates):  # all but the announced ones, and uses never reached
-            self._write(p)
+        estimates, self.estimates = self.estimates, {}
+        for p, estimate in estimates.values():  # all but announced ones, and uses never reached
+            self._write(p, estimate)
         for f in self.forwards:
             f.release()
         self.curvature.clear()
@@ -698,8 +706,10 @@ def _as(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 def _apply(pass_: _Pass, node, grads) -> None:
     info = pass_.info[node]
     dtype = pass_.dtype
-    if dtype is not None and any(g is not None and g.dtype != dtype for g in grads):
-        grads = tuple(_as(g, dtype) for g in grads)
+    for g in grads:
+        if g is not None and g.dtype != dtype and dtype is not None:
+            grads = tuple(_as(g, dtype) for g in grads)
+            break
     curvature = pass_.curvature
     if len(grads) == 1:
         outputs = (curvature.pop((node, 0), None),)

@@ -37,7 +37,8 @@ from .normalization import batch_normalized_weight_curvature, layer_input
 def linear_rule(ctx: LayerContext) -> Backprop:
     """Eq. 4–5 for a fully connected layer; shapes ``h: (N, *, in)``, ``ŝ_a: (N, *, out)``."""
     module = ctx.module
-    ws, weight, scratch = ctx.workspace, module.weight, ctx.scratch
+    weight, bias = module._parameters["weight"], module._parameters["bias"]  # not __getattr__
+    ws, scratch = ctx.workspace, ctx.scratch
     if ctx.normalized is not None and ctx.input.dim() == 2:  # BatchNorm1d on (N, out)
         x_of = layer_input(ctx.input, scratch)
 
@@ -52,21 +53,22 @@ def linear_rule(ctx: LayerContext) -> Backprop:
                 ctx.normalized, products, sums, ctx.second_order
             )
         }
-        if module.bias is not None:
-            params["bias"] = torch.zeros_like(module.bias)
+        if bias is not None:
+            params["bias"] = torch.zeros_like(bias)
     elif ctx.individual:  # per example n: Σ over the other positions t
         n = ctx.input.shape[0]
         s_out = ctx.curvature_output.reshape(n, -1, module.out_features)
         h_sq = squared(ctx.input.reshape(n, -1, module.in_features), scratch, "input")
         params = {"weight": torch.einsum("nto,nti->noi", s_out, h_sq)}
-        if module.bias is not None:
+        if bias is not None:
             params["bias"] = s_out.sum(1)
     else:
-        s_out = ctx.curvature_output.reshape(-1, module.out_features)
-        h_sq = squared(ctx.input.reshape(-1, module.in_features), scratch, "input")
+        s_out, h = ctx.curvature_output, ctx.input
+        s_out = s_out if s_out.dim() == 2 else s_out.reshape(-1, module.out_features)
+        h_sq = squared(h if h.dim() == 2 else h.reshape(-1, module.in_features), scratch, "input")
         params = {"weight": torch.mm(s_out.T, h_sq, out=buffer(ws, "weight", weight))}
-        if module.bias is not None:
-            params["bias"] = torch.sum(s_out, 0, out=buffer(ws, "bias", module.bias))
+        if bias is not None:
+            params["bias"] = torch.sum(s_out, 0, out=buffer(ws, "bias", bias))
     s_in = None
     if ctx.need_input_curvature:
         s_in = ctx.curvature_output @ squared(weight, scratch, "weight")
