@@ -199,6 +199,25 @@ def test_registering_a_rule_for_a_custom_layer():
         torch.testing.assert_close(estimate[k], expected[k])
 
 
+def test_a_layer_rule_returning_an_estimate_under_a_wrong_name_is_named():
+    class Gain(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(n))
+
+        def forward(self, x):
+            return torch.addcmul(torch.zeros_like(x), x, self.gain)
+
+    def misnamed_rule(ctx):
+        s = ctx.curvature_output
+        return hesscale.Backprop(s, {"gains": (s * ctx.input**2).sum(0)})
+
+    hesscale.register_rule(Gain, misnamed_rule)
+    model = nn.Sequential(nn.Linear(3, 3), Gain(3), nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match=r"'1'.*'gains'.*not a parameter of Gain.*\['gain'\]"):
+        _run(model)
+
+
 def test_registering_a_rule_for_a_custom_autograd_function():
     class Cube(torch.autograd.Function):
         @staticmethod
