@@ -880,13 +880,12 @@ class _ModelState:
             self.current = None
             return
         self._refuse_compiling()
-        floating = [p.dtype for p in self.params if p.is_floating_point()]
         self.current = _Forward(
             state=self,
             method=method,
             options=self.options,
             forced=self.forced is not None,
-            dtype=floating[0] if floating else None,
+            dtype=next((p.dtype for p in self.params if p.is_floating_point()), None),
         )
         self.current.open_spans.append(torch._C._autograd._get_sequence_nr())
         if method.monte_carlo:
