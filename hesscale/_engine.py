@@ -46,20 +46,27 @@ Hessian and backpropagates them to the layer calls with one batched ``autograd.g
 ``torch.autograd.backward(loss)`` and ``torch.autograd.grad`` bypass ``Tensor.backward``: they
 compute gradients and no estimate, which the optimizers report as a missing estimate.
 
-Measured (this project's 2-core x86 CPU, one thread, float32, ``benchmarks/engine_cost.py``,
-interleaved medians, two runs; timings vary by about ±5 % between runs and more between the
-VM's hosts): on the Fig. 2b chains (4 and 16 layers of 512 tanh units) and a residual MLP of
-the same size the estimate costs 1.90–2.00× a plain forward+backward at batch 128 (2.0–2.8×
-at batch 1), where the same arithmetic written out by hand in plain torch operations (no
-autograd, no engine) costs 1.63–1.73× on today's AMD EPYC host (1.80–1.81× on the host
-measured before): two extra matrix products per layer and the element-wise rules are the
-floor; the graph mechanism and the rules' Python add 0.2–0.3. The mechanism alone (the walk
-and the prehooks with rules that do nothing) costs 1.07–1.14× at batch 128 and 1.27–1.54× at
-batch 1, 40–110 µs per hooked node in all (``register_prehook`` and planning are most of it).
-The squares of weights and inputs go to a pool of reused buffers
-(:func:`hesscale.rules._registry.scratch_buffer`): fresh parameter-sized memory is
-page-faulted on every use on this VM, which made the hand-written recursion 2.0× instead of
-1.8×.
+Measured (this project's 2-core x86 CPU, an AMD EPYC host, one thread, float32,
+``benchmarks/engine_cost.py --rounds 40``, interleaved medians, two runs; the VM's timings
+vary by ±5 % between runs and more between hosts): on the Fig. 2b chains (4 and 16 layers of
+512 tanh units) and a residual MLP of the same size the estimate costs 1.82 / 1.82× (L=4),
+1.86 / 1.87× (L=16) and 1.77 / 1.82× (residual) a plain forward+backward at batch 128
+(1.8–2.4× at batch 1). The same arithmetic written out by hand in plain torch operations (no
+autograd, no engine) costs 1.66–1.77×: two extra matrix products per layer and the
+element-wise rules are the floor. The mechanism alone (forward recording, planning, prehooks
+with rules that do nothing) costs 1.06–1.13× at batch 128 and 1.25–1.52× at batch 1, 38–58 µs
+per hooked node in all.
+
+Python that runs between the backward pass's large operations runs on cold caches, several
+times slower than the same code in a loop (a ``with`` statement: 0.6 µs idle, 4.3 µs right
+after a 128×512×512 matrix product on this host; a layer call's forward hook about 50 µs).
+Hence the design: everything that does not depend on the gradients (rule contexts, parameter
+targets, checks) is prepared in the planning loop before autograd runs; each prehook only
+fills in gradients and curvatures and runs the rule; estimates are written when the pass
+ends; parameter-free activation modules are not recorded. The squares of weights and inputs
+go to a pool of reused buffers (:func:`hesscale.rules._registry.scratch_buffer`): fresh
+parameter-sized memory is page-faulted on every use on this VM, which made the hand-written
+recursion 2.0× instead of 1.8×.
 """
 
 from __future__ import annotations
