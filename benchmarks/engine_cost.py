@@ -37,6 +37,7 @@ from hesscale.experiments.networks import (
     residual_network,
 )
 from hesscale.experiments.timing import interleaved_times, peak_memory
+from hesscale.rules._registry import scratch_buffers
 
 METHODS = ["hesscale", "hesscale_gn", "bl89", "ggn_mc"]
 
@@ -165,7 +166,7 @@ def measure(make, batch: int, rounds: int, device: str):
         state = getattr(fresh, "_hesscale_state", None)
         if state is not None:
             kept += [t for ws in state.workspaces.values() for t in ws.values()]
-            kept += [buffer for buffer, _ in state.scratch.values()]
+            kept += scratch_buffers(state.scratch)
         memory[name] = resident + _bytes(kept) + peak_memory(run, device)
         hesscale.request(fresh.parameters(), None)
     nodes = graph_nodes(loss_fn(plain(x), y))

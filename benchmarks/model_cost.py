@@ -40,6 +40,7 @@ from hesscale.experiments.networks import GPT, ResNet18
 from hesscale.experiments.timing import interleaved_times, peak_memory
 from hesscale.optim import AdaHesScale, AdaHesScaleGN, AdaHessian
 from hesscale.rules import Settings
+from hesscale.rules._registry import scratch_buffers
 
 MODELS = ("resnet18", "gpt2", "hf-gpt2")
 DEFAULT_BATCH = {"resnet18": 128, "gpt2": 2, "hf-gpt2": 2}
@@ -72,7 +73,7 @@ def kept(model: nn.Module, opt=None, engine: bool = True) -> int:
     if engine:
         tensors += [p.hess_diag for p in model.parameters() if hasattr(p, "hess_diag")]
         tensors += [t for ws in state.workspaces.values() for t in ws.values()]
-        tensors += list(state.scratch.values())
+        tensors += scratch_buffers(state.scratch)
     if opt is not None:
         tensors += [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}

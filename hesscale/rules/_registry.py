@@ -327,6 +327,11 @@ def scratch_buffer(scratch: dict, tag: str, shape, dtype, device) -> Tensor:
     return view
 
 
+def scratch_buffers(scratch: dict) -> list[Tensor]:
+    """The flat buffers of the pool ``scratch`` (what it keeps alive between steps)."""
+    return [buffer for buffer, _ in scratch.values()]
+
+
 def squared(t: Tensor, scratch: dict | None = None, tag: str = "square") -> Tensor:
     """Element-wise square ``t ⊙ t``. With a ``scratch`` pool it is written into the pool's
     buffer for ``tag``: a temporary that the caller consumes before it squares another tensor
@@ -364,6 +369,7 @@ __all__ = [
     "register_recognizer",
     "register_rule",
     "scratch_buffer",
+    "scratch_buffers",
     "squared",
     "sum_to",
     "supported_operations",
