@@ -55,7 +55,7 @@ vary by ±5 % between runs and more between hosts): on the Fig. 2b chains (4 and
 autograd, no engine) costs 1.66–1.77×: two extra matrix products per layer and the
 element-wise rules are the floor. The mechanism alone (forward recording, planning, prehooks
 with rules that do nothing) costs 1.06–1.13× at batch 128 and 1.25–1.52× at batch 1, 38–58 µs
-per hooked node in all.
+per node of autograd's graph at batch 1.
 
 Python that runs between the backward pass's large operations runs on cold caches, several
 times slower than the same code in a loop (a ``with`` statement: 0.6 µs idle, 4.3 µs right
