@@ -688,9 +688,14 @@ class _Pass:
 
 def _on_node(pass_: _Pass, node, grads):
     """Prehook of a node: apply its rule (see the module docstring), with subnormal floats
-    flushed to zero on the thread that runs it (:mod:`hesscale._floating`) and autocast off.
-    Written without context managers: it runs once per node."""
+    flushed to zero on the thread that runs it (:mod:`hesscale._floating`), autocast off and
+    grad mode off (autograd turns it on under ``backward(create_graph=True)``; the estimates
+    are not differentiated, and the rules write into reused buffers). Written without context
+    managers: it runs once per node."""
     flush = not flushing_denormals() and torch.set_flush_denormal(True)
+    graph = torch.is_grad_enabled()
+    if graph:
+        torch._C._set_grad_enabled(False)
     try:
         if pass_.autocast:
             device = next((g.device.type for g in grads if g is not None), "cpu")
@@ -699,6 +704,8 @@ def _on_node(pass_: _Pass, node, grads):
         else:
             _apply(pass_, node, grads)
     finally:
+        if graph:
+            torch._C._set_grad_enabled(True)
         if flush:
             torch.set_flush_denormal(False)
 

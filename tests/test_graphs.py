@@ -639,3 +639,29 @@ def test_a_transformer_encoder_in_eval_mode_runs_its_regular_path(method):
     with sdpa_kernel(SDPBackend.MATH):
         exact = exact_hessian_diagonal(reference, nn.CrossEntropyLoss(), x, y)
     assert_exact_head(estimate, exact)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward.. with create_graph")
+def test_a_backward_that_keeps_its_graph_gives_the_same_estimates():
+    """``backward(create_graph=True)`` (a gradient penalty, AdaHessian beside it) turns grad
+    mode on inside the backward pass; the rules run with it off and give the same numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.GELU()
+    )
+    model = hesscale.extend(nn.Sequential(model, nn.Linear(4, 2)).double())
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1])
+    estimates, grads = {}, {}
+    for keep in (False, True):
+        hesscale.request(model.parameters(), "hesscale")
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward(create_graph=keep)
+        estimates[keep] = {n: p.hess_diag.clone() for n, p in model.named_parameters()}
+        grads[keep] = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g.requires_grad for g in grads[True].values())  # autograd's graph is kept
+    assert not any(p.hess_diag.requires_grad for p in model.parameters())
+    assert_close_dicts(estimates[True], estimates[False])
+    hesscale.request(model.parameters(), None)
+    exact = exact_hessian_diagonal(model, nn.CrossEntropyLoss(), x, y)
+    head = {"1.weight", "1.bias"}
+    assert_close_dicts({k: estimates[True][k] for k in head}, {k: exact[k] for k in head})

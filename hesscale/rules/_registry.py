@@ -336,7 +336,7 @@ def squared(t: Tensor, scratch: dict | None = None, tag: str = "square") -> Tens
     """Element-wise square ``t ⊙ t``. With a ``scratch`` pool it is written into the pool's
     buffer for ``tag``: a temporary that the caller consumes before it squares another tensor
     with the same tag (the next rule reuses the memory)."""
-    if scratch is None or (t.requires_grad and torch.is_grad_enabled()):  # create_graph=True
+    if scratch is None:
         return t * t
     return torch.mul(t, t, out=scratch_buffer(scratch, tag, t.shape, t.dtype, t.device))
 

@@ -61,7 +61,7 @@ def _gelu_parts(ctx):
         d2f = sech2 * du + 0.5 * a * sech2 * (d2u - 2 * t * du * du)
         return df, d2f
     # φ(a) = e^{−a²/2}/√(2π), Φ(a) = (1 + erf(a/√2))/2: σ' = Φ + aφ, σ'' = φ(2 − a²), in place
-    # (in place only on tensors no backward formula saved: the rules may run under create_graph)
+    # (in place on this rule's own temporaries)
     a_sq = a * a
     pdf = torch.exp(a_sq.mul_(-0.5)) * _INV_SQRT_2PI  # a_sq now holds −a²/2
     df = torch.erf(a * _INV_SQRT_2).mul_(0.5).add_(0.5).addcmul_(a, pdf)
@@ -131,18 +131,12 @@ def _result(ctx):
     return ctx.saved("result")
 
 
-def _times_derivative(backward, t, h):
-    """``t ⊙ σ'`` by ATen's backward kernel ``backward(t, h)``, in place unless ``t`` is part of
-    a graph (``backward(create_graph=True)``: out= variants are not differentiable)."""
-    return backward(t, h) if t.requires_grad else backward.grad_input(t, h, grad_input=t)
-
-
 def _tanh_both(ctx, s, g):
     """``u (u ŝ − 2 h g)`` with ``u = 1 − h²``, in three passes: ATen's fused tanh backward
     kernel multiplies by ``u`` in one (``v ↦ v (1 − h²)``)."""
     h = _result(ctx)
     t = _aten.tanh_backward(s, h).addcmul_(h, g, value=-2)
-    return _times_derivative(_aten.tanh_backward, t, h)
+    return _aten.tanh_backward.grad_input(t, h, grad_input=t)
 
 
 def _sigmoid_both(ctx, s, g):
@@ -150,7 +144,7 @@ def _sigmoid_both(ctx, s, g):
     kernel multiplies by ``u`` in one)."""
     h = _result(ctx)
     t = _aten.sigmoid_backward(s, h).add_(g).addcmul_(h, g, value=-2)
-    return _times_derivative(_aten.sigmoid_backward, t, h)
+    return _aten.sigmoid_backward.grad_input(t, h, grad_input=t)
 
 
 TABLE: dict[str, Elementwise] = {
