@@ -151,6 +151,7 @@ class _LayerCall:
     normalized: object = None  # the BatchStatistics of a train-mode BatchNorm fused into it
     ctx: LayerContext | None = None  # prepared by the pass that hooks its node
     targets: dict | None = None  # parameter name -> the parameter if estimated, else None
+    params: list | None = None  # the estimated ones (both set by _Pass._layer_params)
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,6 @@ class _Pass:
         self.received: dict[int, int] = {}
         self.estimates: dict[int, tuple[Tensor, Tensor]] = {}  # (p, sum of its uses so far)
         self.handles: list[RemovableHandle] = []
-        self.layer_params: dict[int, list[Tensor]] = {}  # id(call) -> its estimated parameters
         self.consumers: dict[tuple, int] | None = None  # edge -> its number of consumers (lazy)
         # autocast of the backward's thread (autograd hands it to its device threads)
         self.autocast = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
@@ -537,31 +537,21 @@ class _Pass:
             second_order=self.method.second_order_term or not info.network,
             scratch=self.scratch,
         )
-        self._layer_targets(call)
 
-    def _layer_targets(self, call: _LayerCall) -> dict:
-        """``{name: parameter if its estimate is wanted, else None}`` over the module's
-        parameters, the names a layer rule returns estimates under."""
+    def _layer_params(self, call: _LayerCall) -> list[Tensor]:
+        """The module's parameters whose estimate is wanted; with ``call.targets``, ``{name:
+        parameter if wanted, else None}``, the names a layer rule returns estimates under.
+        Kept on the call: a forward pass is backpropagated once."""
         if call.targets is None:
             module = call.module
             named = module._parameters.items() if not module._modules else module.named_parameters()
-            wanted = self._layer_params(call)
             call.targets = {
-                name: p if any(p is q for q in wanted) else None
+                name: p if p.requires_grad and self._estimated(p) else None
                 for name, p in named
                 if p is not None
             }
-        return call.targets
-
-    def _layer_params(self, call: _LayerCall) -> list[Tensor]:
-        params = self.layer_params.get(id(call))
-        if params is None:
-            module = call.module
-            own = module._parameters.values() if not module._modules else module.parameters()
-            params = self.layer_params[id(call)] = [
-                p for p in own if p is not None and p.requires_grad and self._estimated(p)
-            ]
-        return params
+            call.params = [p for p in call.targets.values() if p is not None]
+        return call.params
 
     def _where(self, node) -> str:
         for f in self.forwards:
@@ -788,7 +778,8 @@ def _meta_tensor(shape: torch.Size, dtype: torch.dtype) -> Tensor:
 def _store_layer(pass_: _Pass, call: _LayerCall, estimates: dict) -> None:
     """Hand a layer rule's parameter estimates to the pass; names and shapes are checked."""
     individual = pass_.options.individual
-    targets = pass_._layer_targets(call)
+    pass_._layer_params(call)
+    targets = call.targets
     for name, estimate in estimates.items():
         param = targets.get(name, targets)
         if param is None:  # not estimated in this pass

@@ -60,8 +60,8 @@ def _gelu_parts(ctx):
         df = 0.5 * (1 + t) + 0.5 * a * sech2 * du
         d2f = sech2 * du + 0.5 * a * sech2 * (d2u - 2 * t * du * du)
         return df, d2f
-    # φ(a) = e^{−a²/2}/√(2π), Φ(a) = (1 + erf(a/√2))/2: σ' = Φ + aφ, σ'' = φ(2 − a²), in place
-    # (in place on this rule's own temporaries)
+    # φ(a) = e^{−a²/2}/√(2π), Φ(a) = (1 + erf(a/√2))/2: σ' = Φ + aφ, σ'' = φ(2 − a²), computed
+    # in place on this rule's own temporaries
     a_sq = a * a
     pdf = torch.exp(a_sq.mul_(-0.5)) * _INV_SQRT_2PI  # a_sq now holds −a²/2
     df = torch.erf(a * _INV_SQRT_2).mul_(0.5).add_(0.5).addcmul_(a, pdf)
