@@ -172,17 +172,18 @@ def test_extended_model_without_request_records_nothing():
     assert all(not hasattr(p, "hess_diag") for p in model.parameters())
 
 
+class Scale(nn.Module):
+    """y = c ⊙ x with a learnable per-feature c, written with an op that has no rule."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.c = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return torch.addcmul(torch.zeros_like(x), x, self.c)
+
+
 def test_registering_a_rule_for_a_custom_layer():
-    class Scale(nn.Module):
-        """y = c ⊙ x with a learnable per-feature c, written with an op that has no rule."""
-
-        def __init__(self, n):
-            super().__init__()
-            self.c = nn.Parameter(torch.randn(n))
-
-        def forward(self, x):
-            return torch.addcmul(torch.zeros_like(x), x, self.c)
-
     def scale_rule(ctx):
         s = ctx.curvature_output
         return hesscale.Backprop(s * ctx.module.c**2, {"c": (s * ctx.input**2).sum(0)})
@@ -200,13 +201,8 @@ def test_registering_a_rule_for_a_custom_layer():
 
 
 def test_a_layer_rule_returning_an_estimate_under_a_wrong_name_is_named():
-    class Gain(nn.Module):
-        def __init__(self, n):
-            super().__init__()
-            self.gain = nn.Parameter(torch.ones(n))
-
-        def forward(self, x):
-            return torch.addcmul(torch.zeros_like(x), x, self.gain)
+    class Gain(Scale):  # its own type, its own rule (rules match the exact type)
+        pass
 
     def misnamed_rule(ctx):
         s = ctx.curvature_output
@@ -214,7 +210,7 @@ def test_a_layer_rule_returning_an_estimate_under_a_wrong_name_is_named():
 
     hesscale.register_rule(Gain, misnamed_rule)
     model = nn.Sequential(nn.Linear(3, 3), Gain(3), nn.Linear(3, 2))
-    with pytest.raises(RuntimeError, match=r"'1'.*'gains'.*not a parameter of Gain.*\['gain'\]"):
+    with pytest.raises(RuntimeError, match=r"'1'.*'gains'.*not a parameter of Gain.*\['c'\]"):
         _run(model)
 
 
