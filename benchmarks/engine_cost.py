@@ -8,11 +8,12 @@ the peak allocated during a warm step; the plain pass re-allocates its gradients
 Also reports an extended model with no estimate requested (what plain Adam on an extended
 model pays), a residual MLP of the Fig. 2b size (4 blocks of two 512-wide tanh layers), the
 cost of the graph mechanism alone (the walk and the prehooks with rules that do nothing), as a
-ratio and per node of autograd's graph, ``(t_mechanism − t_plain) / nodes``, and, on the tanh
-chains, the floor: the forward pass and the recursion of gradients and HesScale curvatures
-written out by hand in plain torch operations (no autograd, no engine; the squares in reused
-buffers), so that the engine's ratio can be read against what the arithmetic itself costs on
-the machine.
+ratio and per node of autograd's graph, ``(t_mechanism − t_plain) / nodes``, and the floor:
+the forward pass and the recursion of gradients and HesScale curvatures of the same network
+written out by hand in plain torch operations with the kernels the engine's rules use (no
+autograd, no engine; the squares in reused buffers; it computes the engine's numbers, which a
+test checks), so that the engine's ratio can be read against what its arithmetic alone costs
+on the machine; ``hesscale/floor`` is the engine's time over the floor's, what the engine adds.
 
     python benchmarks/engine_cost.py [--rounds 20] [--batch-sizes 1 128] [--networks L=4 residual]
                                      [--json out.json]
@@ -31,6 +32,7 @@ from torch import nn
 import hesscale
 import hesscale._engine as engine
 from hesscale.experiments.networks import (
+    ResidualTanhMLP,
     fig2a_network,
     fig2b_network,
     parameter_count,
@@ -40,6 +42,7 @@ from hesscale.experiments.timing import interleaved_times, peak_memory
 from hesscale.rules._registry import scratch_buffers
 
 METHODS = ["hesscale", "hesscale_gn", "bl89", "ggn_mc"]
+_aten = torch.ops.aten
 
 
 def networks():
@@ -68,16 +71,62 @@ def _bytes(tensors) -> int:
     return sum(storages.values())
 
 
-def hand_written(model: nn.Sequential, x, y):
-    """One step of the forward pass and of the gradient and HesScale recursion (Eq. 1–5, the
-    exact softmax cross-entropy diagonal at the output) of a Linear/Tanh chain, by hand."""
-    layers = [m for m in model if isinstance(m, nn.Linear)]
-    buffers: dict = {}
+class _ByHand:
+    """The gradient and HesScale recursion (Eq. 1–5, the exact softmax cross-entropy diagonal at
+    the output) written out in plain torch operations, with the kernels the engine's rules use:
+    ``W²`` and ``h²`` in reused buffers, the tanh rule ``u (u ŝ − 2 h g)`` (``u = 1 − h²``) in
+    three passes of ATen's fused tanh backward, the tanh gradient in one."""
 
-    def buffer(key, like):
-        if key not in buffers:
-            buffers[key] = torch.empty_like(like)
-        return buffers[key]
+    def __init__(self):
+        self.buffers: dict = {}  # the squares' buffers, and each parameter's estimate
+        self.estimates: dict = {}  # parameter -> its estimate (a buffer, overwritten each step)
+
+    def _buffer(self, key, like):
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != like.shape:
+            buf = self.buffers[key] = torch.empty_like(like)
+        return buf
+
+    def _estimate(self, param):
+        estimate = self.estimates.get(param)
+        if estimate is None:
+            estimate = self.estimates[param] = torch.empty_like(param)
+        return estimate
+
+    def linear(self, layer: nn.Linear, h, g, s, need_input: bool = True):
+        """Gradients and estimates of ``a = h Wᵀ + b``; ``(g_h, ŝ_h)`` when needed."""
+        weight = layer.weight
+        weight.grad, layer.bias.grad = g.T @ h, g.sum(0)
+        h_sq = torch.mul(h, h, out=self._buffer("h", h))
+        torch.mm(s.T, h_sq, out=self._estimate(weight))
+        torch.sum(s, 0, out=self._estimate(layer.bias))
+        if not need_input:
+            return None, None
+        return g @ weight, s @ torch.mul(weight, weight, out=self._buffer("w2", weight))
+
+    @staticmethod
+    def tanh(h, g, s):
+        """``(g_a, ŝ_a)`` below ``h = tanh(a)``."""
+        t = _aten.tanh_backward(s, h).addcmul_(h, g, value=-2)
+        return _aten.tanh_backward(g, h), _aten.tanh_backward.grad_input(t, h, grad_input=t)
+
+    @staticmethod
+    def loss(a, y):
+        """``(g, ŝ)`` of the mean cross-entropy at the logits ``a``."""
+        p = torch.softmax(a, 1)
+        g = p.clone()
+        g[torch.arange(len(y)), y] -= 1
+        return g / len(y), (p - p * p) / len(y)
+
+
+def hand_written(model: nn.Module, x, y, do: _ByHand | None = None):
+    """One step of the forward pass and of the recursion of a Linear/Tanh chain or of the
+    residual MLP, by hand (no autograd, no engine): the floor of the engine's arithmetic.
+    Gradients go to ``.grad``, estimates to ``do.estimates``."""
+    do = do if do is not None else _ByHand()
+    if isinstance(model, ResidualTanhMLP):
+        return _residual_by_hand(model, x, y, do)
+    layers = [m for m in model if isinstance(m, nn.Linear)]
 
     def run():
         with torch.no_grad():
@@ -87,25 +136,41 @@ def hand_written(model: nn.Sequential, x, y):
                 if i < len(layers) - 1:
                     h = torch.tanh(a)
                     hs.append(h)
-            p = torch.softmax(a, 1)
-            g = p.clone()
-            g[torch.arange(len(y)), y] -= 1
-            g /= len(y)
-            s = (p - p * p) / len(y)
+            g, s = do.loss(a, y)
             for i in reversed(range(len(layers))):
-                layer, h = layers[i], hs[i]
-                layer.weight.grad, layer.bias.grad = g.T @ h, g.sum(0)
-                h_sq = torch.mul(h, h, out=buffer(("h", i), h))
-                torch.mm(s.T, h_sq, out=buffer(("w", i), layer.weight))
-                torch.sum(s, 0, out=buffer(("b", i), layer.bias))
+                g, s = do.linear(layers[i], hs[i], g, s, need_input=i > 0)
                 if i > 0:
-                    w_sq = torch.mul(
-                        layer.weight, layer.weight, out=buffer(("w2", i), layer.weight)
-                    )
-                    g_h, s_h = g @ layer.weight, s @ w_sq
-                    d = 1 - h_sq  # tanh' from the tanh output
-                    g = g_h * d
-                    s = s_h * d * d - 2 * h * d * g_h  # σ'² ŝ + σ'' g, σ'' = −2 h σ'
+                    g, s = do.tanh(hs[i], g, s)
+
+    return run
+
+
+def _residual_by_hand(model: ResidualTanhMLP, x, y, do: _ByHand):
+    """``h ← tanh(h + W₂ tanh(W₁ h))`` per block: the skip and the block's branch each carry
+    ``(g, ŝ)`` down to ``h``, where they add."""
+
+    def linear(layer, h):
+        return torch.addmm(layer.bias, h, layer.weight.T)
+
+    def run():
+        with torch.no_grad():
+            h0 = torch.tanh(linear(model.inp, x))
+            saved, h = [], h0
+            for block in model.blocks:
+                t = torch.tanh(linear(block[0], h))
+                out = torch.tanh(h + linear(block[2], t))
+                saved.append((h, t, out))
+                h = out
+            g, s = do.loss(linear(model.head, h), y)
+            g, s = do.linear(model.head, h, g, s)
+            for block, (h_in, t, out) in zip(reversed(model.blocks), reversed(saved)):
+                g, s = do.tanh(out, g, s)
+                g_t, s_t = do.linear(block[2], t, g, s)
+                g_t, s_t = do.tanh(t, g_t, s_t)
+                g_h, s_h = do.linear(block[0], h_in, g_t, s_t)
+                g, s = g + g_h, s + s_h
+            g, s = do.tanh(h0, g, s)
+            do.linear(model.inp, x, g, s, need_input=False)
 
     return run
 
@@ -140,9 +205,7 @@ def measure(make, batch: int, rounds: int, device: str):
         "mechanism": mechanism_only,
     }
     fns.update({m: step(model, m) for m in METHODS})
-    chain = isinstance(plain, nn.Sequential)
-    if chain:
-        fns["by hand"] = hand_written(copy.deepcopy(plain), x, y)
+    fns["by hand"] = hand_written(copy.deepcopy(plain), x, y)
     times = interleaved_times(fns, rounds=rounds, inner=3 if batch == 1 else 1, device=device)
     hesscale.request(model.parameters(), None)
     # memory: the model's parameters, what the engine keeps between steps (estimates and
@@ -193,7 +256,7 @@ def main(argv=None):
     header = (
         f"{'network':<22}{'batch':>6}{'params':>10} | "
         + " ".join(f"{n[:12]:>12}" for n in names)
-        + f" | {'nodes':>5} {'mech µs/node':>12}"
+        + f" | {'hesscale/floor':>14} {'nodes':>5} {'mech µs/node':>12}"
     )
     print("time over plain forward+backward (peak memory ratio in brackets)")
     print(header)
@@ -213,9 +276,6 @@ def main(argv=None):
                 "graph_nodes": nodes,
             }
             for n in names:
-                if n not in times:  # the hand-written floor exists for the chains only
-                    cells.append("  -")
-                    continue
                 ratio_t = times[n]["median"] / base_t
                 ratio_m = memory[n] / base_m if n in memory else None  # not a real step
                 row[n] = {
@@ -227,11 +287,13 @@ def main(argv=None):
                 cells.append(f"{ratio_t:5.2f}x({memory_cell})")
             per_node = (times["mechanism"]["median"] - base_t) / nodes * 1e6
             row["mechanism_microseconds_per_node"] = per_node
+            over_floor = times["hesscale"]["median"] / times["by hand"]["median"]
+            row["hesscale_over_floor"] = over_floor
             rows.append(row)
             print(
                 f"{label:<22}{batch:>6}{count:>10} | "
                 + " ".join(f"{c:>12}" for c in cells)
-                + f" | {nodes:>5} {per_node:12.1f}",
+                + f" | {over_floor:13.2f}x {nodes:>5} {per_node:12.1f}",
                 flush=True,
             )
     if args.json:

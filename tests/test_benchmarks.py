@@ -1,9 +1,16 @@
 """The benchmark scripts run end to end on the smallest settings (their figures are not
 checked here: speed is reported by running them, never asserted in tests)."""
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
+import torch
+
+import hesscale
+from hesscale.experiments.networks import ResidualTanhMLP, tanh_mlp
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -24,6 +31,7 @@ def test_engine_cost_runs_and_reports_every_method(tmp_path):
     for name in ("mechanism", "hesscale", "hesscale_gn", "bl89", "ggn_mc", "by hand"):
         assert row[name]["time_ratio"] > 0
     assert row["hesscale"]["memory_ratio"] > 0
+    assert row["hesscale_over_floor"] > 0
 
 
 def test_model_cost_runs_on_a_small_batch(tmp_path):
@@ -33,3 +41,24 @@ def test_model_cost_runs_on_a_small_batch(tmp_path):
     )
     (row,) = json.loads(out.read_text())
     assert row
+
+
+@pytest.mark.parametrize("network", ["chain", "residual"])
+def test_the_hand_written_floor_computes_the_engines_numbers(network):
+    """The floor engine_cost reports is the engine's arithmetic only if it computes the same
+    gradients and HesScale estimates."""
+    bench = _load("engine_cost")
+    torch.manual_seed(0)
+    model = (
+        tanh_mlp(5, [7, 6, 7], 4) if network == "chain" else ResidualTanhMLP(5, 7, 2, 4)
+    ).double()
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 4, (9,))
+    engine = hesscale.extend(copy.deepcopy(model))
+    _, estimates = hesscale.diagonal(engine, torch.nn.CrossEntropyLoss(), x, y)
+    by_hand = bench._ByHand()
+    bench.hand_written(model, x, y, by_hand)()
+    engine.zero_grad()
+    torch.nn.functional.cross_entropy(engine(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), engine.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=f"gradient of {name}")
+        torch.testing.assert_close(by_hand.estimates[p], estimates[name], msg=f"estimate of {name}")
