@@ -47,15 +47,15 @@ Hessian and backpropagates them to the layer calls with one batched ``autograd.g
 compute gradients and no estimate, which the optimizers report as a missing estimate.
 
 Measured (this project's 2-core x86 CPU, an AMD EPYC host, one thread, float32,
-``benchmarks/engine_cost.py --rounds 40``, interleaved medians, two runs; the VM's timings
-vary by ±5 % between runs and more between hosts): on the Fig. 2b chains (4 and 16 layers of
-512 tanh units) and a residual MLP of the same size the estimate costs 1.82 / 1.82× (L=4),
-1.86 / 1.87× (L=16) and 1.77 / 1.82× (residual) a plain forward+backward at batch 128
-(1.8–2.4× at batch 1). The same arithmetic written out by hand in plain torch operations (no
-autograd, no engine) costs 1.66–1.77×: two extra matrix products per layer and the
-element-wise rules are the floor. The mechanism alone (forward recording, planning, prehooks
-with rules that do nothing) costs 1.06–1.13× at batch 128 and 1.25–1.52× at batch 1, 38–58 µs
-per node of autograd's graph at batch 1.
+``benchmarks/engine_cost.py --rounds 40``, interleaved medians; the VM's timings vary by ±8 %
+between runs): on the Fig. 2b chains (4 and 16 layers of 512 tanh units) and a residual MLP of
+the same size the estimate costs 1.82–1.89× (L=4), 1.83–1.93× (L=16) and 1.77–1.87×
+(residual) a plain forward+backward at batch 128 (2.2–2.4× at batch 1). The engine's own
+arithmetic written out by hand (no autograd, no engine, the same kernels) costs 1.63–1.66×:
+two extra matrix products per layer, the squares of weights and inputs and the element-wise
+rules. The engine adds 10–13 % to it at batch 128 (24–28 % at batch 1); the mechanism alone
+(forward recording, planning, prehooks with rules that do nothing) costs 1.07–1.13× at batch
+128 and 1.15–1.25× at batch 1, 10–15 µs per node of autograd's graph at batch 1.
 
 Python that runs between the backward pass's large operations runs on cold caches, several
 times slower than the same code in a loop (a ``with`` statement: 0.6 µs idle, 4.3 µs right
