@@ -49,13 +49,13 @@ compute gradients and no estimate, which the optimizers report as a missing esti
 Measured (this project's 2-core x86 CPU, an AMD EPYC host, one thread, float32,
 ``benchmarks/engine_cost.py --rounds 40``, interleaved medians; the VM's timings vary by ±8 %
 between runs): on the Fig. 2b chains (4 and 16 layers of 512 tanh units) and a residual MLP of
-the same size the estimate costs 1.82–1.89× (L=4), 1.83–1.93× (L=16) and 1.77–1.87×
+the same size the estimate costs 1.82–1.89× (L=4), 1.83–1.93× (L=16) and 1.77–1.90×
 (residual) a plain forward+backward at batch 128 (2.2–2.4× at batch 1). The engine's own
 arithmetic written out by hand (no autograd, no engine, the same kernels) costs 1.63–1.66×:
 two extra matrix products per layer, the squares of weights and inputs and the element-wise
-rules. The engine adds 10–13 % to it at batch 128 (24–28 % at batch 1); the mechanism alone
-(forward recording, planning, prehooks with rules that do nothing) costs 1.07–1.13× at batch
-128 and 1.15–1.25× at batch 1, 10–15 µs per node of autograd's graph at batch 1.
+rules. The engine adds 10–15 % to it at batch 128 (24–34 % at batch 1); the mechanism alone
+(forward recording, planning, prehooks with rules that do nothing) costs 1.05–1.13× at batch
+128 and 1.15–1.25× at batch 1, 10–17 µs per node of autograd's graph at batch 1.
 
 Python that runs between the backward pass's large operations runs on cold caches, several
 times slower than the same code in a loop (a ``with`` statement: 0.6 µs idle, 4.3 µs right
@@ -63,7 +63,9 @@ after a 128×512×512 matrix product on this host; a layer call's forward hook a
 Hence the design: everything that does not depend on the gradients (rule contexts, parameter
 targets, checks) is prepared in the planning loop before autograd runs; each prehook only
 fills in gradients and curvatures and runs the rule; estimates are written when the pass
-ends; parameter-free activation modules are not recorded. The squares of weights and inputs
+ends; parameter-free activation modules are not recorded; nothing a pass records forms a
+reference cycle (each would wait for Python's cyclic collector, whose full collections stall a
+process that has imported torch for about 0.1 s). The squares of weights and inputs
 go to a pool of reused buffers (:func:`hesscale.rules._registry.scratch_buffer`): fresh
 parameter-sized memory is page-faulted on every use on this VM, which made the hand-written
 recursion 2.0× instead of 1.8×.
