@@ -78,31 +78,31 @@ class _ByHand:
     three passes of ATen's fused tanh backward, the tanh gradient in one."""
 
     def __init__(self):
-        self.buffers: dict = {}  # the squares' buffers, and each parameter's estimate
+        self.squares: dict = {}  # "h", "w2" -> the reused buffer of a square
         self.estimates: dict = {}  # parameter -> its estimate (a buffer, overwritten each step)
 
-    def _buffer(self, key, like):
-        buf = self.buffers.get(key)
+    @staticmethod
+    def _reused(store: dict, key, like):
+        buf = store.get(key)
         if buf is None or buf.shape != like.shape:
-            buf = self.buffers[key] = torch.empty_like(like)
+            buf = store[key] = torch.empty_like(like)
         return buf
 
-    def _estimate(self, param):
-        estimate = self.estimates.get(param)
-        if estimate is None:
-            estimate = self.estimates[param] = torch.empty_like(param)
-        return estimate
+    @staticmethod
+    def affine(layer: nn.Linear, h):
+        """The forward pass of the layer: ``h Wᵀ + b``."""
+        return torch.addmm(layer.bias, h, layer.weight.T)
 
     def linear(self, layer: nn.Linear, h, g, s, need_input: bool = True):
         """Gradients and estimates of ``a = h Wᵀ + b``; ``(g_h, ŝ_h)`` when needed."""
-        weight = layer.weight
+        weight, squares, estimates = layer.weight, self.squares, self.estimates
         weight.grad, layer.bias.grad = g.T @ h, g.sum(0)
-        h_sq = torch.mul(h, h, out=self._buffer("h", h))
-        torch.mm(s.T, h_sq, out=self._estimate(weight))
-        torch.sum(s, 0, out=self._estimate(layer.bias))
+        h_sq = torch.mul(h, h, out=self._reused(squares, "h", h))
+        torch.mm(s.T, h_sq, out=self._reused(estimates, weight, weight))
+        torch.sum(s, 0, out=self._reused(estimates, layer.bias, layer.bias))
         if not need_input:
             return None, None
-        return g @ weight, s @ torch.mul(weight, weight, out=self._buffer("w2", weight))
+        return g @ weight, s @ torch.mul(weight, weight, out=self._reused(squares, "w2", weight))
 
     @staticmethod
     def tanh(h, g, s):
@@ -132,7 +132,7 @@ def hand_written(model: nn.Module, x, y, do: _ByHand | None = None):
         with torch.no_grad():
             hs, h = [x], x
             for i, layer in enumerate(layers):
-                a = torch.addmm(layer.bias, h, layer.weight.T)
+                a = do.affine(layer, h)
                 if i < len(layers) - 1:
                     h = torch.tanh(a)
                     hs.append(h)
@@ -149,19 +149,16 @@ def _residual_by_hand(model: ResidualTanhMLP, x, y, do: _ByHand):
     """``h ← tanh(h + W₂ tanh(W₁ h))`` per block: the skip and the block's branch each carry
     ``(g, ŝ)`` down to ``h``, where they add."""
 
-    def linear(layer, h):
-        return torch.addmm(layer.bias, h, layer.weight.T)
-
     def run():
         with torch.no_grad():
-            h0 = torch.tanh(linear(model.inp, x))
+            h0 = torch.tanh(do.affine(model.inp, x))
             saved, h = [], h0
             for block in model.blocks:
-                t = torch.tanh(linear(block[0], h))
-                out = torch.tanh(h + linear(block[2], t))
+                t = torch.tanh(do.affine(block[0], h))
+                out = torch.tanh(h + do.affine(block[2], t))
                 saved.append((h, t, out))
                 h = out
-            g, s = do.loss(linear(model.head, h), y)
+            g, s = do.loss(do.affine(model.head, h), y)
             g, s = do.linear(model.head, h, g, s)
             for block, (h_in, t, out) in zip(reversed(model.blocks), reversed(saved)):
                 g, s = do.tanh(out, g, s)

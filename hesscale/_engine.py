@@ -51,7 +51,7 @@ Measured (this project's 2-core x86 CPU, an AMD EPYC host, one thread, float32,
 between runs): on the Fig. 2b chains (4 and 16 layers of 512 tanh units) and a residual MLP of
 the same size the estimate costs 1.82–1.89× (L=4), 1.83–1.93× (L=16) and 1.77–1.90×
 (residual) a plain forward+backward at batch 128 (2.2–2.4× at batch 1). The engine's own
-arithmetic written out by hand (no autograd, no engine, the same kernels) costs 1.63–1.66×:
+arithmetic written out by hand (no autograd, no engine, the same kernels) costs 1.63–1.72×:
 two extra matrix products per layer, the squares of weights and inputs and the element-wise
 rules. The engine adds 10–15 % to it at batch 128 (24–34 % at batch 1); the mechanism alone
 (forward recording, planning, prehooks with rules that do nothing) costs 1.05–1.13× at batch
