@@ -5,6 +5,8 @@ Hessians and Jacobians):
 
 * :func:`exact_hessian_diagonal`: ``diag(∇²_θ L)`` via ``torch.func.hessian`` over
   ``functional_call``, per parameter tensor;
+* :func:`double_backward_hessian_diagonal`: the same by double backward, for operations
+  torch.func cannot transform;
 * :func:`ggn_diagonal`: ``diag(J_θᵀ ∇²_f L J_θ)`` from ``torch.func.jacrev``;
 * :func:`recursion_reference`: the paper's recursion written with dense per-layer Jacobians
   ``J`` and Hessians, ``ŝ_x = (J∘J)ᵀ ŝ_y + [σ''] diag(∇²_x ⟨g_y, f(x)⟩)`` — no layer rule of the
@@ -49,6 +51,26 @@ def exact_hessian_diagonal(model, loss_fn, inputs, target, **loss_kwargs) -> dic
 
         block = hessian(of_one)(value).reshape(value.numel(), value.numel())
         result[name] = block.diagonal().reshape(value.shape)
+    return result
+
+
+def double_backward_hessian_diagonal(
+    model, loss_fn, inputs, target, **loss_kwargs
+) -> dict[str, Tensor]:
+    """``diag(∂²L/∂θ²)`` by differentiating each entry of the gradient once more (one backward
+    pass per parameter entry): for operations that ``torch.func`` cannot transform (in-place
+    views such as ``as_strided_``)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    loss = loss_fn(model(inputs), target, **loss_kwargs)
+    grads = torch.autograd.grad(loss, [p for _, p in params], create_graph=True)
+    result = {}
+    for (name, p), g in zip(params, grads):
+        flat, diagonal = g.reshape(-1), torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+        for i in range(p.numel()):
+            if flat[i].requires_grad:
+                (row,) = torch.autograd.grad(flat[i], p, retain_graph=True, allow_unused=True)
+                diagonal[i] = row.reshape(-1)[i] if row is not None else 0.0
+        result[name] = diagonal.reshape(p.shape)
     return result
 
 

@@ -151,10 +151,10 @@ def curvature_adam(
 def step_scale(directions: list[Direction], delta: float, max_scale: float) -> float:
     """``min(max_scale, √(2δ / T))`` with ``T = Σ d ⊙ u²`` over ``directions`` (one pass over
     each parameter and one synchronisation)."""
-    terms = [
-        torch.dot((d.ratio() * d.curvature).view(-1), d.ratio().view(-1)) * d.step_size**2
-        for d in directions
-    ]
+    terms = []
+    for d in directions:  # Σ (r ⊙ d) ⊙ r, in any memory layout (channels_last weights)
+        ratio = d.ratio()
+        terms.append((ratio * d.curvature).mul_(ratio).sum() * d.step_size**2)
     total = float(torch.stack([t.to(terms[0].device, torch.float64) for t in terms]).sum())
     if not math.isfinite(total):
         return max_scale  # the guard reports the update itself

@@ -19,6 +19,7 @@ SELECTIONS = (
     "AddBackward1",
     "AliasBackward0",
     "AsStridedBackward0",
+    "AsStridedBackward1",  # as_strided_ (in place), e.g. global average pooling channels_last
     "CatBackward0",
     "CloneBackward0",
     "ConstantPadNdBackward0",
@@ -67,6 +68,13 @@ def transpose_of(ctx: NodeContext, curvatures=None) -> tuple:
     curvatures = ctx.curvature_outputs if curvatures is None else curvatures
     if all(s is None for s in curvatures):
         return (None,) * len(ctx.needs)
+    # the node's backward takes its outputs' dtype (bf16 under autocast: max pooling's kernel
+    # refuses another), so the curvature is rounded to it as the gradient was
+    expected = ctx.node._input_metadata
+    curvatures = tuple(
+        s.to(meta.dtype) if s is not None and s.dtype != meta.dtype else s
+        for s, meta in zip(curvatures, expected)
+    )
     results = _as_tuple(ctx.node(*curvatures))
     # autograd sums a broadcast gradient down to the input's shape after the node ran
     return tuple(

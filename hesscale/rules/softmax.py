@@ -49,9 +49,11 @@ def log_softmax_rule(ctx: NodeContext):
     return (s_in,)
 
 
-@operation_rule("SoftmaxBackward0")
+@operation_rule("SoftmaxBackward0", "SafeSoftmaxBackward0")
 def softmax_rule(ctx: NodeContext):
-    """The Softmax rule above (for every method: BL89 differs only at the loss)."""
+    """The Softmax rule above (for every method: BL89 differs only at the loss). PyTorch's safe
+    softmax (attention's math kernel) gives ``p = 0`` on rows whose logits are all ``−∞``, where
+    the rule gives 0 as well."""
     if not ctx.needs[0]:
         return (None,)
     p = ctx.saved("result")
