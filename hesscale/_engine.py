@@ -183,6 +183,8 @@ class _Forward:
     options: _Options
     forced: bool
     dtype: torch.dtype | None
+    device: str = "cpu"  # the parameters' device type
+    autocast: torch.dtype | None = None  # the forward ran under autocast to this dtype
     calls: list[_LayerCall] = field(default_factory=list)
     spans: list[tuple[int, int, str]] = field(default_factory=list)  # (first, end, path)
     open_spans: list[int] = field(default_factory=list)
@@ -288,7 +290,8 @@ def _layer_inputs(output_node, calls: dict) -> tuple:
                 if leaf is not None and child.variable is leaf:
                     found.append((child, nr))
             elif child._sequence_nr() < call.first:
-                found.append((child, nr))
+                if not _cached_cast(child, call.module):
+                    found.append((child, nr))
             else:
                 stack.append(child)
     if len({(id(n), nr) for n, nr in found}) > 1:
@@ -297,6 +300,17 @@ def _layer_inputs(output_node, calls: dict) -> tuple:
             "it besides its input; its layer rule sees only the input"
         )
     return tuple(found[:1])
+
+
+def _cached_cast(node, module: nn.Module) -> bool:
+    """Whether ``node`` is autocast's cast of one of ``module``'s own parameters made before
+    the module started: autocast caches the casts of leaves for its whole region, so a second
+    forward pass in one region reuses the first's (the layer rule estimates the parameter
+    itself)."""
+    if type(node).__name__ != "ToCopyBackward0":
+        return False
+    child = node.next_functions[0][0]
+    return _is_leaf(child) and any(child.variable is p for p in module.parameters())
 
 
 class _Pass:
@@ -308,7 +322,12 @@ class _Pass:
         first = forwards[0]
         self.method, self.options, self.dtype = first.method, first.options, first.dtype
         self.settings = first.state.settings
-        self.scratch = first.state.scratch
+        self.device, self.autocast = first.device, first.autocast
+        # reused buffers avoid page-faulting fresh memory on the CPU (on a GPU the caching
+        # allocator does that); they are written with out=, which autocast does not apply to
+        reuse = self.device == "cpu" and self.autocast is None
+        self.scratch = first.state.scratch if reuse else None
+        self.reuse_buffers = reuse and self.options.reuse_buffers
         self.info: dict[object, _NodeInfo] = {}
         self.curvature: dict[tuple, Tensor] = {}  # (node, output_nr) -> ŝ received so far
         # per parameter, keyed by id(p) (a tensor's __hash__ is a Python function):
@@ -319,7 +338,9 @@ class _Pass:
         self.handles: list[RemovableHandle] = []
         self.consumers: dict[tuple, int] | None = None  # edge -> its number of consumers (lazy)
         # autocast of the backward's thread (autograd hands it to its device threads)
-        self.autocast = torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+        self.backward_autocast = (
+            torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+        ) and self.autocast is None
 
     @property
     def loss_factor(self) -> Tensor | None:
@@ -466,14 +487,15 @@ class _Pass:
         else:
             info.rule = node_rule_for(node)
             if info.rule is None:
-                attention = type(node).__name__.startswith("ScaledDotProduct")
+                attention = "Attention" in type(node).__name__
                 self._refuse(
                     node,
                     "has no HesScale rule",
                     "PyTorch chose an attention kernel hesscale has no rule for (it has "
-                    "one for the fused CPU kernel): run the model under "
-                    "torch.nn.attention.sdpa_kernel(SDPBackend.MATH), whose matrix products "
-                    "and softmax have rules, or on the CPU."
+                    "rules for the CPU kernel and the GPU's flash, memory-efficient and "
+                    "cuDNN kernels of F.scaled_dot_product_attention on dense inputs): run "
+                    "the model under torch.nn.attention.sdpa_kernel with one of those kernels "
+                    "or SDPBackend.MATH, whose matrix products and softmax have rules."
                     if attention
                     else "Register one with hesscale.register_rule (for your own layer or "
                     "torch.autograd.Function), or compute it with supported operations "
@@ -535,7 +557,7 @@ class _Pass:
             individual=options.individual,
             workspace=(
                 call.workspaces.setdefault(call.module, {})
-                if options.reuse_buffers and not options.individual and single_use
+                if self.reuse_buffers and not options.individual and single_use
                 else None
             ),
             second_order=self.method.second_order_term or not info.network,
@@ -682,26 +704,47 @@ class _Pass:
 
 def _on_node(pass_: _Pass, node, grads):
     """Prehook of a node: apply its rule (see the module docstring), with subnormal floats
-    flushed to zero on the thread that runs it (:mod:`hesscale._floating`), autocast off and
-    grad mode off (autograd turns it on under ``backward(create_graph=True)``; the estimates
-    are not differentiated, and the rules write into reused buffers). Written without context
-    managers: it runs once per node."""
+    flushed to zero on the thread that runs it (:mod:`hesscale._floating`), under the autocast
+    the forward pass ran in (or none) and with grad mode off (autograd turns it on under
+    ``backward(create_graph=True)``; the estimates are not differentiated, and the rules write
+    into reused buffers). Written without context managers where it can be: it runs once per
+    node."""
     flush = not flushing_denormals() and torch.set_flush_denormal(True)
     graph = torch.is_grad_enabled()
     if graph:
         torch._C._set_grad_enabled(False)
     try:
-        if pass_.autocast:
-            device = next((g.device.type for g in grads if g is not None), "cpu")
-            with torch.autocast(device, enabled=False):
-                _apply(pass_, node, grads)
+        if _profiler_enabled():  # the rule's time (and its kernels') named in the profile
+            with torch.profiler.record_function(f"hesscale {type(node).__name__}"):
+                _apply_in_precision(pass_, node, grads)
         else:
-            _apply(pass_, node, grads)
+            _apply_in_precision(pass_, node, grads)
     finally:
         if graph:
             torch._C._set_grad_enabled(True)
         if flush:
             torch.set_flush_denormal(False)
+
+
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def _apply_in_precision(pass_: _Pass, node, grads) -> None:
+    if pass_.autocast is not None:  # the products in the forward's precision
+        with torch.autocast(pass_.device, dtype=pass_.autocast):
+            _apply(pass_, node, grads)
+    elif pass_.backward_autocast:
+        with torch.autocast(pass_.device, enabled=False):
+            _apply(pass_, node, grads)
+    else:
+        _apply(pass_, node, grads)
+
+
+def autocast_dtype(device: str) -> torch.dtype | None:
+    """The dtype autocast runs ``device``'s products in on this thread, or None when off."""
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def _as(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
@@ -889,12 +932,16 @@ class _ModelState:
             self.current = None
             return
         self._refuse_compiling()
+        first = next((p for p in self.params if p.is_floating_point()), None)
+        device = first.device.type if first is not None else "cpu"
         self.current = _Forward(
             state=self,
             method=method,
             options=self.options,
             forced=self.forced is not None,
-            dtype=next((p.dtype for p in self.params if p.is_floating_point()), None),
+            dtype=first.dtype if first is not None else None,
+            device=device,
+            autocast=autocast_dtype(device),
         )
         self.current.open_spans.append(torch._C._autograd._get_sequence_nr())
         if method.monte_carlo:
