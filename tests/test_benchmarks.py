@@ -4,13 +4,14 @@ checked here: speed is reported by running them, never asserted in tests)."""
 import copy
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import hesscale
-from hesscale.experiments.networks import ResidualTanhMLP, tanh_mlp
+from hesscale.experiments.networks import GPT, ResidualTanhMLP, tanh_mlp
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -18,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -39,8 +41,52 @@ def test_model_cost_runs_on_a_small_batch(tmp_path):
     _load("model_cost").main(
         ["--models", "resnet18", "--batch", "2", "--rounds", "1", "--json", str(out)]
     )
-    (row,) = json.loads(out.read_text())
-    assert row
+    (row,) = json.loads(out.read_text())["models"]
+    assert row["runs"]["estimate HesScale"]["time_ratio"] > 0
+
+
+def test_model_cost_runs_the_gpu_checks_settings_on_a_small_batch(tmp_path):
+    """What benchmarks/gpu_check.sh asks for, on a CPU: autocast, a kernel choice, steps at
+    update_every 1 and 2 with clipping and scaling, curvlinops' products (when installed) and
+    the precision of the estimate under autocast."""
+    out = tmp_path / "model.json"
+    curvlinops = importlib.util.find_spec("curvlinops") is not None
+    bench = _load("model_cost")
+    bench.build = _tiny_gpt(bench)
+    bench.main(
+        ["--models", "gpt2", "--batch", "1", "--context", "8", "--rounds", "1"]
+        + ["--autocast", "bf16", "--attention", "flash", "--update-every", "1", "2"]
+        + ["--clip-scale", "--precision", "--json", str(out)]
+        + (["--curvlinops"] if curvlinops else [])
+    )
+    (row,) = json.loads(out.read_text())["models"]
+    expected = ["step AdaHesScale, every 2", "step AdaHessian", "forward+backward, math kernel"]
+    if curvlinops:
+        expected.append("curvlinops GGN-vector product")
+    for label in expected:
+        assert row["runs"][label]["time_ratio"] > 0
+    assert 0 <= row["precision"]["hesscale"]["relative_l1"] < 0.05
+
+
+def _tiny_gpt(bench):
+    """``build`` of model_cost with a GPT of width 16 in place of GPT-2's shape."""
+    language_problem = _load("model_cost").language_problem
+    return lambda name, context: language_problem(
+        GPT(vocab=50, width=16, context=context, heads=2, layers=2), 50, context
+    )
+
+
+def test_profile_estimate_reports_the_rules(tmp_path):
+    out = tmp_path / "profile.json"
+    bench = _load("profile_estimate")
+    bench.build = _tiny_gpt(bench)
+    bench.main(
+        ["--model", "gpt2", "--batch", "1", "--context", "8", "--warmup", "0"]
+        + ["--json", str(out), "--table", str(tmp_path / "profile.txt")]
+    )
+    steps = json.loads(out.read_text())["steps"]
+    assert steps["forward+backward"]["rule_calls"] == 0
+    assert steps["estimate hesscale"]["rule_calls"] > 12  # every hooked node is named
 
 
 @pytest.mark.parametrize("network", ["chain", "residual"])
