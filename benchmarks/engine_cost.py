@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import hesscale
-import hesscale._engine as engine
+import hesscale.engine._apply as engine
 from hesscale.experiments.networks import (
     ResidualTanhMLP,
     fig2a_network,

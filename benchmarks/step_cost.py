@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import hesscale
-import hesscale._engine as engine
+import hesscale.engine._apply as engine
 import hesscale.optim._base as optim_base
 from hesscale.experiments.fig2 import OPTIMIZER_LABELS, time_point
 from hesscale.experiments.io import environment_record

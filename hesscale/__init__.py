@@ -17,7 +17,11 @@ Ground truth for small models: ``hesscale.reference``; the paper's experiments:
 ``hesscale.experiments`` and the ``hesscale`` command.
 """
 
-from ._engine import (
+from ._errors import UnsupportedModuleError
+from ._methods import METHODS
+from .consolidation import ImportancePenalty
+from .criteria import CRITERIA, importance
+from .engine import (
     ESTIMATE_ATTRIBUTE,
     estimate_id,
     extend,
@@ -25,10 +29,6 @@ from ._engine import (
     register_estimate_hook,
     request,
 )
-from ._errors import UnsupportedModuleError
-from ._methods import METHODS
-from .consolidation import ImportancePenalty
-from .criteria import CRITERIA, importance
 from .estimators import ESTIMATORS, diagonal
 from .pruning import prune
 from .rules import (

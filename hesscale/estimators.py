@@ -9,9 +9,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import baselines
-from ._engine import backpropagated_diagonal
 from ._errors import UnsupportedModuleError
 from ._methods import METHODS
+from .engine import backpropagated_diagonal
 
 ESTIMATORS = tuple(METHODS) + tuple(baselines.BASELINES)
 

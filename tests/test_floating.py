@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import hesscale
-import hesscale._engine as engine
+import hesscale.engine._apply as engine
 import hesscale.optim._base as optim_base
 from hesscale._floating import flushing_denormals
 from hesscale.optim import AdaHesScale

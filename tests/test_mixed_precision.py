@@ -149,6 +149,7 @@ def test_a_second_forward_pass_in_one_autocast_region(device):
     model = hesscale.extend(model)
 
     def estimate():
+        model.zero_grad()
         hesscale.request(model.parameters(), "hesscale")
         nn.functional.cross_entropy(model(ids), ids).backward()
         hesscale.request(model.parameters(), None)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import hesscale
-from hesscale._engine import _Traced
+from hesscale.engine._record import _Traced
 from hesscale.optim import (
     OPTIMIZERS,
     AdaBL89,

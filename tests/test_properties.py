@@ -206,6 +206,7 @@ def test_a_scaled_loss_scales_the_estimate(method):
     params = list(model.parameters())
     estimates = []
     for scale in (1.0, -0.25, 1024.0):
+        model.zero_grad()
         hesscale.request(params, method)
         torch.manual_seed(0)
         (scale * loss_fn(model(x), y)).backward()

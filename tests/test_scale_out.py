@@ -1,5 +1,6 @@
 """Scale-out: loss scaling (GradScaler) and data-parallel training across processes."""
 
+import contextlib
 import copy
 import json
 import os
@@ -132,14 +133,19 @@ def test_data_parallel_ranks_agree_with_a_single_process_on_the_full_batch(tmp_p
 def _scenario_optimizer(scenario, params):
     if scenario == "overlap":  # several buckets; estimates every other step only
         return AdaHesScaleGN(params, lr=0.05, update_every=2, bucket_cap_mb=1e-4)
-    return AdaHesScale(params, lr=0.05)  # "accumulate": two backward passes per step
+    # "accumulate", "no_sync": two backward passes per step (the first in DDP's no_sync)
+    return AdaHesScale(params, lr=0.05)
 
 
 def _scenario_run(model, loss_fn, opt, x, y, steps, scenario, observe=lambda stage: None):
+    passes = 1 if scenario == "overlap" else 2
     for _ in range(steps):
         opt.zero_grad()
-        for _ in range(2 if scenario == "accumulate" else 1):
-            loss_fn(model(x), y).backward()
+        for i in range(passes):
+            last = i == passes - 1
+            quiet = scenario == "no_sync" and not last and hasattr(model, "no_sync")
+            with model.no_sync() if quiet else contextlib.nullcontext():
+                (loss_fn(model(x), y) / passes).backward()
         observe("backward")
         opt.step()
         observe("step")
@@ -172,10 +178,12 @@ def _reducer_worker(rank, world, port, scenario, steps, result_path):
     _exit_worker()
 
 
-@pytest.mark.parametrize("scenario", ["overlap", "accumulate"])
+@pytest.mark.parametrize("scenario", ["overlap", "accumulate", "no_sync"])
 def test_estimates_are_averaged_during_the_backward_pass(tmp_path, scenario):
     """The estimates' all-reduces start in the backward pass, bucket by bucket, and nothing is
-    sent on steps without an estimate; a second backward pass before the step re-sends."""
+    sent on steps without an estimate; under gradient accumulation a second backward pass
+    before the step re-sends the accumulated estimate, and inside DDP's no_sync nothing is sent
+    (once per step, as the gradients)."""
     steps = 4
     result = tmp_path / "params.pt"
     mp.spawn(
@@ -210,10 +218,13 @@ def test_estimates_are_averaged_during_the_backward_pass(tmp_path, scenario):
             2 * buckets,
         ]
         assert sent_in_step == [0, 0, 0, 0]
-    else:
+    elif scenario == "accumulate":
         # the first backward pass's buckets are re-sent by the second: 2 per step, all overlapped
         assert buckets == 1
         assert [s["launches_in_backward"] for s in per_step] == [2, 4, 6, 8]
+        assert sent_in_step == [0, 0, 0, 0]
+    else:  # no_sync: the synchronising pass alone sends the accumulated estimate
+        assert [s["launches_in_backward"] for s in per_step] == [1, 2, 3, 4]
         assert sent_in_step == [0, 0, 0, 0]
 
 

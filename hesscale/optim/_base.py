@@ -7,8 +7,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, loss_factor, request
 from .._floating import flush_denormals
+from ..engine import ESTIMATE_ATTRIBUTE, consume, estimate_id, loss_scale, request
 from ._distributed import EstimateReducer
 from ._functional import NormBound, apply_updates, check_updates, curvature_adam, step_scale
 
@@ -168,10 +168,12 @@ class CurvatureAdam(Optimizer):
                     f"backward pass for a parameter of shape {tuple(p.shape)}. Extend the model "
                     "before training (model = hesscale.extend(model); for AdaGGNMC also "
                     "loss_fn = hesscale.extend(loss_fn)) and call loss.backward() before every "
-                    "step() (torch.autograd.backward and torch.autograd.grad compute no "
-                    "estimate)."
+                    "step() (torch.autograd.grad computes no estimate; a loss that reaches the "
+                    "parameter through an autograd Function the engine cannot see, such as "
+                    "torch.utils.checkpoint with use_reentrant=True, gives none either)."
                 )
             self._consumed[id(p)] = ident
+            consume(p)
             result.append(getattr(p, ESTIMATE_ATTRIBUTE))
         return result
 
@@ -179,7 +181,8 @@ class CurvatureAdam(Optimizer):
         """Divide gradients (unless the scaler did) and estimates by the loss scale.
 
         The estimates are of the backpropagated ``S · L``; ``S`` is the scaler's scale, or, when
-        ``scaler.unscale_`` already ran (gradient clipping), the factor the engine recorded.
+        ``scaler.unscale_`` already ran (gradient clipping), the scale the engine found in the
+        backpropagated value (:func:`hesscale.engine.loss_scale`).
         """
         if grad_scale is not None:
             inv = 1.0 / grad_scale
@@ -189,8 +192,16 @@ class CurvatureAdam(Optimizer):
             if estimate is None:
                 unscaled.append(None)
                 continue
-            scale = grad_scale if grad_scale is not None else loss_factor(p)
-            unscaled.append(estimate if scale is None else estimate / scale)
+            scale = grad_scale if grad_scale is not None else loss_scale(p)
+            if scale is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() under a GradScaler after scaler.unscale_: the "
+                    "gradients were unscaled, but the estimate of a parameter of shape "
+                    f"{tuple(p.shape)} carries no recognisable loss scale. Backpropagate "
+                    "scaler.scale(loss) itself (dividing it or the loss by a number is fine), "
+                    "with the same scale in every pass that accumulates into one step."
+                )
+            unscaled.append(estimate / scale)
         return grads, unscaled
 
     def _write(self, pending) -> None:

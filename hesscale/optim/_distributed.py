@@ -14,8 +14,14 @@ waits for them (:meth:`EstimateReducer.reduce`); what was not started by then (e
 ``step()`` computes, such as AdaHessian's, or a bucket with a late estimate) is reduced there.
 
 Every rank runs the same backward pass, so every rank starts the same collectives in the same
-order. A second backward pass before ``step()`` overwrites the estimates (as the engine does
-without data parallelism): a bucket in flight is waited for and sent again.
+order. Under gradient accumulation the estimates accumulate over the backward passes before
+``step()`` (:mod:`hesscale.engine._store`); inside ``DistributedDataParallel.no_sync()``, where
+DDP does not synchronise gradients, the reducer sends nothing either, and the pass that
+synchronises sends the accumulated estimates: one all-reduce per bucket and step, as for the
+gradients. (Without ``no_sync`` every pass is sent, and a bucket in flight is waited for and
+sent again by the next pass.) Which passes synchronise is read from the DDP wrapper of the
+parameters, found by a forward pre-hook on every module that is installed once a reducer
+exists; without a DDP wrapper every pass is sent.
 """
 
 from __future__ import annotations
@@ -27,7 +33,35 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._engine import ESTIMATE_ATTRIBUTE, estimate_id, register_estimate_hook
+from ..engine import ESTIMATE_ATTRIBUTE, estimate_id, register_estimate_hook
+
+
+class _GradientSync:
+    """Whether the DistributedDataParallel wrapper of some parameters synchronises gradients in
+    its current backward pass: DDP's ``no_sync()`` clears ``require_backward_grad_sync``, which
+    its forward pass reads; so does this forward pre-hook (on every module, installed once)."""
+
+    def __init__(self):
+        self.syncing: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # DDP -> bool
+        self.handle = None
+
+    def install(self) -> None:
+        if self.handle is None:
+            self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self._seen)
+
+    def _seen(self, module, args) -> None:
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            self.syncing[module] = module.require_backward_grad_sync and torch.is_grad_enabled()
+
+    def wrapper_of(self, param: Tensor):
+        """The DDP wrapper whose module holds ``param`` (None: none has run a forward pass)."""
+        for ddp in list(self.syncing.keys()):
+            if any(p is param for p in ddp.module.parameters()):
+                return ddp
+        return None
+
+
+_gradient_sync = _GradientSync()
 
 
 @dataclass
@@ -89,6 +123,8 @@ class EstimateReducer:
         self._where = {
             id(p): (bucket, i) for bucket in self.buckets for i, p in enumerate(bucket.params)
         }
+        self._wrapper = None  # a weak reference to the parameters' DDP wrapper, once found
+        _gradient_sync.install()
         self.launches = 0  # all-reduces started, for tests and benchmarks
         self.launches_in_backward = 0  # ... of which during a backward pass (overlapped)
         reducer = weakref.ref(self)  # a parameter's hook must not keep an old optimizer alive
@@ -110,9 +146,17 @@ class EstimateReducer:
             return None, None
         return bucket, index
 
+    def _synchronising(self) -> bool:
+        """Whether this backward pass synchronises the gradients (outside DDP's no_sync)."""
+        wrapper = self._wrapper() if self._wrapper is not None else None
+        if wrapper is None and self.params:
+            wrapper = _gradient_sync.wrapper_of(self.params[0])
+            self._wrapper = weakref.ref(wrapper) if wrapper is not None else None
+        return wrapper is None or _gradient_sync.syncing.get(wrapper, True)
+
     def _on_estimate(self, param: Tensor) -> None:
         bucket, index = self._locate(param)
-        if bucket is None:
+        if bucket is None or not self._synchronising():
             return
         self._settle(bucket)
         bucket.slot(index).copy_(getattr(param, ESTIMATE_ATTRIBUTE).reshape(-1))

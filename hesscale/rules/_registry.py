@@ -1,6 +1,6 @@
 """The registries of HesScale rules: one for autograd operations, one for layers.
 
-The engine follows autograd's graph of the backward pass (see :mod:`hesscale._engine`). At every
+The engine follows autograd's graph of the backward pass (see :mod:`hesscale.engine`). At every
 node it applies an **operation rule**, a pure function of what the node saved in the forward
 pass and of what reaches its outputs in the backward pass (:class:`NodeContext`): the gradient
 ``g`` and the curvature estimate ``ŝ`` at each output. The rule returns ``ŝ`` at each input,
