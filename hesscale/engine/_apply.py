@@ -7,6 +7,7 @@ import functools
 from typing import TYPE_CHECKING
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .._floating import flush_denormals, flushing_denormals
@@ -24,12 +25,17 @@ def _on_node(pass_: _Pass, node, grads):
     flushed to zero on the thread that runs it (:mod:`hesscale._floating`), under the autocast
     the forward pass ran in (or none) and with grad mode off (autograd turns it on under
     ``backward(create_graph=True)``; the estimates are not differentiated, and the rules write
-    into reused buffers). Written without context managers where it can be: it runs once per
-    node."""
+    into reused buffers), and in the pass's own graph-execution group, so that what the rule
+    reads of a region of ``torch.utils.checkpoint(use_reentrant=False)`` is recomputed for it
+    (the region's tensors may be unpacked once per group; autograd's node unpacks them again
+    in its own). Written without context managers where it can be: it runs once per node."""
     flush = not flushing_denormals() and torch.set_flush_denormal(True)
     graph = torch.is_grad_enabled()
     if graph:
         torch._C._set_grad_enabled(False)
+    group = pass_.exec_group
+    if group is not None:
+        _set_exec_group(group)
     try:
         if _profiler_enabled():  # the rule's time (and its kernels') named in the profile
             with torch.profiler.record_function(f"hesscale {type(node).__name__}"):
@@ -37,6 +43,8 @@ def _on_node(pass_: _Pass, node, grads):
         else:
             _apply_in_precision(pass_, node, grads)
     finally:
+        if group is not None:
+            _set_exec_group(None)
         if graph:
             torch._C._set_grad_enabled(True)
         if flush:
@@ -44,6 +52,16 @@ def _on_node(pass_: _Pass, node, grads):
 
 
 _profiler_enabled = torch._C._autograd._profiler_enabled
+_set_exec_group = getattr(torch._C, "_set_graph_exec_group", None)
+
+
+def new_exec_group():
+    """A graph-execution group for one curvature pass (see :func:`_on_node`), or None where
+    this PyTorch has none, or the backward pass already runs in one (they do not nest)."""
+    group_type = getattr(torch.utils.checkpoint, "GraphExecGroup", None)
+    if group_type is None or _set_exec_group is None or torch._C._get_graph_exec_group():
+        return None
+    return group_type()
 
 
 def _apply_in_precision(pass_: _Pass, node, grads) -> None:
@@ -85,7 +103,7 @@ def _apply(pass_: _Pass, node, grads) -> None:
         outputs = tuple(curvature.pop((node, nr), None) for nr in range(len(grads)))
     if info.calls is not None:
         for output_nr, call in info.calls.items():
-            _apply_layer(pass_, info, call, grads[output_nr], outputs[output_nr])
+            _apply_layer(pass_, info, call, grads[output_nr], outputs[output_nr], node)
         return
     ctx = info.ctx
     ctx.grad_outputs, ctx.curvature_outputs = grads, outputs
@@ -104,14 +122,25 @@ def _apply(pass_: _Pass, node, grads) -> None:
         if not need or s is None:
             continue
         if param is not None:
-            pass_.store.add(param, s)
+            pass_.add_to_leaf(param, s)
         else:
             pass_.add(child, output_nr, s)
     info.ctx = None
 
 
-def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> None:
+def _saved_input(node, path: tuple) -> Tensor:
+    """A layer's input from its nodes' saved tensors (:class:`hesscale.rules.Rule`'s
+    ``saved_input``): unpacking it recomputes a checkpointed region in the pass's group."""
+    levels, name, shape = path
+    for _ in range(levels):
+        node = node.next_functions[0][0]
+    return getattr(node, f"_saved_{name}").reshape(shape)
+
+
+def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s, node) -> None:
     ctx = call.ctx
+    if ctx.input is None:
+        ctx.input = _as(_saved_input(node, call.input_path), pass_.dtype)
     if grad is None or s is None:
         shape, _, device = call.output_like
         dtype = ctx.output.dtype
@@ -124,7 +153,7 @@ def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s) -> No
         if result.curvature_input is None:
             raise RuntimeError(f"the rule of '{call.path}' returned no input curvature")
         if info.params[0] is not None:
-            pass_.store.add(info.params[0], result.curvature_input)
+            pass_.add_to_leaf(info.params[0], result.curvature_input)
         else:
             child, nr = info.edges[0]
             pass_.add(child, nr, result.curvature_input)
@@ -153,7 +182,8 @@ def _store_layer(pass_: _Pass, call: _LayerCall, estimates: dict) -> None:
                 f"the rule of '{call.path}' returned an estimate for '{name}', which is not a "
                 f"parameter of {type(call.module).__name__} (it has {sorted(targets)})"
             )
-        expected = (len(call.input), *param.shape) if individual else param.shape
+        examples = len(call.input if call.input is not None else call.ctx.input)
+        expected = (examples, *param.shape) if individual else param.shape
         if estimate.shape != expected:
             raise RuntimeError(
                 f"the rule of '{call.path}' returned an estimate of shape "

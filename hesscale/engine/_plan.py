@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -15,8 +16,9 @@ from .._errors import UnsupportedModuleError
 from ..rules import NodeContext, node_rule_for
 from ..rules._registry import LayerContext, supported_operations
 from ..rules.normalization import batch_statistics  # noqa: F401
-from ._apply import _as, _meta_tensor, _on_monte_carlo, _on_node
-from ._record import _LAYER_TAG, _MARK_NODE, _OUTPUT_TAG, _Forward, _LayerCall
+from ._apply import _as, _meta_tensor, _on_monte_carlo, _on_node, new_exec_group
+from ._checkpoint import Recompute, is_reentrant_checkpoint
+from ._record import _LAYER_TAG, _MARK_NODE, _OUTPUT_TAG, _Forward, _LayerCall, _plain
 from ._store import _REQUEST, PassEstimates, refuse_missing
 
 _pass_ids = itertools.count(1)
@@ -119,6 +121,15 @@ class _Pass:
         self.curvature: dict[tuple, Tensor] = {}  # (node, output_nr) -> ŝ received so far
         self.store = PassEstimates(self.id, self.dtype, self.options, self.method, forwards)
         self.only: set[int] | None = None  # backward(inputs=...): the tensors it reaches
+        self.exec_group = new_exec_group()
+        self.recomputes: list[Recompute] = []  # of the reentrant checkpoints it hooked
+        # a nested pass (inside a reentrant checkpoint's backward): the outer pass, whose
+        # estimates it adds to, and {id(detached argument): the outer edge it feeds}
+        recompute = first.recompute
+        self.outer = recompute.outer if recompute is not None else None
+        self.captured: dict[int, tuple] = recompute.captured() if recompute is not None else {}
+        if self.outer is not None:
+            self.store = self.outer.store
         self.handles: list[RemovableHandle] = []
         self.consumers: dict[tuple, int] | None = None  # edge -> its number of consumers (lazy)
         # autocast of the backward's thread (autograd hands it to its device threads)
@@ -177,7 +188,9 @@ class _Pass:
         if inputs is not None:
             pass_.only = {id(t) for t in inputs}
         pass_.info = info
-        pass_._mark_network(markers)
+        recompute = pass_.forwards[0].recompute
+        if recompute is None or recompute.info.network:
+            pass_._mark_network(markers)
         try:
             pass_._prepare(order)
             if pass_.method.monte_carlo:
@@ -221,7 +234,8 @@ class _Pass:
         for node in order:
             info = self.info[node]
             if info.leaf:
-                useful[node] = self._estimated(node.variable)
+                variable = node.variable
+                useful[node] = self._estimated(variable) or id(variable) in self.captured
                 continue
             edges = info.edges
             needs = info.needs = tuple(child is not None and useful[child] for child, _ in edges)
@@ -241,7 +255,7 @@ class _Pass:
                     if p is not None:
                         uses[id(p)] = uses.get(id(p), 0) + 1
                         used[id(p)] = p
-            elif not own:
+            elif not own and not is_reentrant_checkpoint(node):
                 useful[node] = False
                 continue
             else:
@@ -252,6 +266,24 @@ class _Pass:
         if not self.method.monte_carlo:
             for node, info in hooked:
                 self._hook(node, info)
+
+    def seed(self, roots) -> None:
+        """A nested pass starts from the curvature the outer pass delivered at its
+        checkpoint node's outputs."""
+        for root, s in self.forwards[0].recompute.seeds(roots):
+            if s is not None:
+                child, nr = _below_identities((root.grad_fn, 0), {})
+                if child is not None:
+                    self.add(child, nr, s)
+
+    def add_to_leaf(self, p: Tensor, s: Tensor) -> None:
+        """``ŝ`` at a leaf: a parameter's estimate, or, in a nested pass, the curvature at a
+        checkpoint's argument, handed to the outer pass."""
+        edge = self.captured.get(id(p)) if self.captured else None
+        if edge is None:
+            self.store.add(p, s)
+        else:
+            self.outer.add(edge[0], edge[1], s)
 
     def _requested(self) -> list[Tensor]:
         """The parameters of the pass's models whose estimate is asked for."""
@@ -273,6 +305,10 @@ class _Pass:
                 self._prepare_layer(info, call)
         else:
             info.rule = node_rule_for(node)
+            if info.rule is None and is_reentrant_checkpoint(node):
+                recompute = Recompute(self, node, info)
+                self.recomputes.append(recompute)
+                info.rule = recompute.stash
             if info.rule is None:
                 attention = "Attention" in type(node).__name__
                 self._refuse(
@@ -313,7 +349,7 @@ class _Pass:
 
     def _prepare_layer(self, info: _NodeInfo, call: _LayerCall) -> None:
         """The layer call's context, complete but for the gradient and curvature at its output."""
-        if call.input is None:
+        if call.input is None and call.input_path is None:
             raise RuntimeError(
                 "hesscale computes its estimates once per forward pass; run the forward "
                 "pass again before another backward through the same graph"
@@ -415,6 +451,13 @@ class _Pass:
         for node, info in self.info.items():
             if info.leaf or info.calls is not None:
                 continue
+            if is_reentrant_checkpoint(node):
+                self._refuse(
+                    node,
+                    "(torch.utils.checkpoint with use_reentrant=True) hides the layers inside "
+                    "it from GGN-MC's sampling",
+                    "Use use_reentrant=False, or method='hesscale_gn'.",
+                )
             if any(p is not None for p in info.params):
                 self._refuse(
                     node,
@@ -455,7 +498,9 @@ class _Pass:
         what the forward passes recorded."""
         for handle in self.handles:
             handle.remove()
-        missing = self.store.finish(failed)
+        for recompute in self.recomputes:
+            recompute.restore()
+        missing = self.store.finish(failed) if self.outer is None else []
         for f in self.forwards:
             f.release()
         self.curvature.clear()
@@ -475,15 +520,31 @@ def run_backward(roots, gradients=None, retain_graph=None, create_graph=False, i
         inputs = (inputs,)
     with torch._C.DisableTorchFunctionSubclass():
         curvature_pass = _Pass.plan(roots, inputs)
-        if curvature_pass is not None:
+        if curvature_pass is not None and curvature_pass.outer is None:
             curvature_pass.store.scale = _loss_scale(roots)
-        failed = True
-        try:
-            torch.autograd.backward(roots, gradients, retain_graph, create_graph, inputs=inputs)
-            failed = False
-        finally:
-            if curvature_pass is not None:
-                curvature_pass.finish(failed)
+        elif curvature_pass is not None:  # inside a reentrant checkpoint: start from ŝ
+            curvature_pass.seed(roots)
+        with torch.enable_grad():  # an alias in the graph (inside a backward grad mode is off)
+            roots = tuple(_plain(r) for r in roots)  # autograd's backward, not ours again
+        if gradients is not None:
+            gradients = _plain(gradients) if isinstance(gradients, Tensor) else gradients
+    failed = True
+    try:  # torch functions dispatch inside: a reentrant checkpoint's backward reaches us
+        torch.autograd.backward(roots, gradients, retain_graph, create_graph, inputs=inputs)
+        failed = False
+    except torch.utils.checkpoint.CheckpointError as error:
+        if curvature_pass is None or curvature_pass.exec_group is not None:
+            raise
+        raise UnsupportedModuleError(
+            "torch.utils.checkpoint(use_reentrant=False): the rules read tensors the checkpoint "
+            "recomputes, which needs a graph-execution group of their own "
+            "(torch.utils.checkpoint.GraphExecGroup, PyTorch 2.10 and later) and none could be "
+            "used here (an older PyTorch, or a backward pass already inside such a group). Use "
+            "use_reentrant=True, which hesscale supports on any PyTorch, or PyTorch 2.10."
+        ) from error
+    finally:
+        if curvature_pass is not None:
+            curvature_pass.finish(failed)
 
 
 _SCALAR_SCALINGS = ("MulBackward1", "DivBackward1", "AliasBackward0", "NegBackward0")

@@ -56,7 +56,7 @@ class _LayerCall:
     module: nn.Module
     path: str
     rule: Rule
-    input: Tensor | None
+    input: Tensor | None  # None with input_path: read from the graph in the backward pass
     output: Tensor | None  # kept only for rules that read its values (Rule.needs_output)
     output_like: tuple  # (shape, dtype, device) of the output
     first: int  # autograd's sequence number when the module started: its nodes are numbered on
@@ -66,6 +66,7 @@ class _LayerCall:
     saved: object = None
     live_output: Tensor | None = None
     normalized: object = None  # the BatchStatistics of a train-mode BatchNorm fused into it
+    input_path: tuple | None = None  # (levels, name) of Rule.saved_input; (shape of input)
     ctx: LayerContext | None = None  # prepared by the pass that hooks its node
     targets: dict | None = None  # parameter name -> the parameter if estimated, else None
     params: list | None = None  # the estimated ones (both set by _Pass._layer_params)
@@ -104,6 +105,7 @@ class _Forward:
     live_output: Tensor | None = None  # GGN-MC only
     loss: _LossCall | None = None
     loss_factor: Tensor | None = None
+    recompute: object = None  # the Recompute of a reentrant checkpoint that recorded it
 
     def module_of(self, node) -> str | None:
         """The innermost module whose forward created ``node`` (by sequence numbers)."""
@@ -178,6 +180,15 @@ def _refuse_grad_of_requested(outputs, inputs, *args, **kwargs) -> None:
 def _plain(t: Tensor) -> Tensor:
     with torch._C.DisableTorchFunctionSubclass():
         return t.as_subclass(torch.Tensor) if isinstance(t, _Traced) else t
+
+
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks decide what this forward pass keeps (``torch.utils.checkpoint``
+    with ``use_reentrant=False``, ``torch.autograd.graph.save_on_cpu``)."""
+    return _top_hooks is not None and _top_hooks(False) is not None
 
 
 def _computed_weights(module: nn.Module) -> bool:
@@ -304,11 +315,22 @@ class _ModelState:
             return
         rule = self.layers[module]
         saved = rule.capture(module, x, output) if rule.capture is not None else None
+        input_path = None
+        if (
+            rule.saved_input is not None
+            and _saved_tensor_hooks()
+            and not forward.method.monte_carlo
+        ):
+            # checkpointing (or offloading) decides what the forward keeps: the input is read
+            # from the graph in the backward pass, recomputed (or reloaded) with the rest
+            where = rule.saved_input(module, output.grad_fn)
+            input_path = None if where is None else (*where, x.shape)
         call = _LayerCall(
             module=module,
             path=path,
             rule=rule,
-            input=x.detach(),
+            input=x.detach() if input_path is None else None,
+            input_path=input_path,
             output=output.detach() if rule.needs_output else None,
             output_like=(output.shape, output.dtype, output.device),
             first=first,

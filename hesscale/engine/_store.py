@@ -140,14 +140,16 @@ class PassEstimates:
 
     def plan(self, used: dict[int, Tensor], requested) -> None:
         """Before autograd runs: the parameters the pass estimates and those requested."""
-        individual = self.options.individual
-        for key, p in used.items():
-            self.carry[key] = not individual and accumulates(p)
+        individual, carry, before = self.options.individual, self.carry, self.before
+        for key, p in used.items():  # a nested pass (a reentrant checkpoint) adds its own
+            if key not in carry:
+                carry[key] = not individual and accumulates(p)
         if self.options.announce:
-            self.announced = {key for key, p in used.items() if getattr(p, _ESTIMATE_HOOKS, None)}
+            self.announced |= {key for key, p in used.items() if getattr(p, _ESTIMATE_HOOKS, None)}
         for p in requested:
-            grad = p.grad
-            self.before[id(p)] = (p, grad, grad._version if grad is not None else None)
+            if id(p) not in before:
+                grad = p.grad
+                before[id(p)] = (p, grad, grad._version if grad is not None else None)
 
     def carries(self, p: Tensor) -> bool:
         """Whether the pass adds to ``p.hess_diag`` (then no rule may write into it)."""

@@ -146,10 +146,15 @@ class NodeContext:
     dtype: torch.dtype | None = None
     settings: Settings = Settings()
     scratch: dict | None = None
+    unpacked: dict = field(default_factory=dict)
 
     def saved(self, name: str):
-        """``node._saved_<name>``, floating tensors cast to the pass's dtype."""
-        value = getattr(self.node, f"_saved_{name}")
+        """``node._saved_<name>``, floating tensors cast to the pass's dtype. Each is unpacked
+        once per node (reading a saved tensor again would unpack it again, which
+        ``torch.utils.checkpoint(use_reentrant=False)`` allows once per graph task)."""
+        value = self.unpacked.get(name, self)
+        if value is self:
+            value = self.unpacked[name] = getattr(self.node, f"_saved_{name}")
         if isinstance(value, Tensor) and value.is_floating_point() and self.dtype is not None:
             return value.to(self.dtype) if value.dtype != self.dtype else value
         return value
@@ -183,7 +188,12 @@ class Rule:
     engine then does not keep the module's output alive until the backward pass (autograd
     itself does not keep the output of a Linear layer or a convolution), and ``ctx.output``
     is a tensor on the ``meta`` device. ``batch_norm=True`` says that the rule handles
-    ``ctx.normalized`` (a train-mode BatchNorm right after the layer).
+    ``ctx.normalized`` (a train-mode BatchNorm right after the layer). ``saved_input(module,
+    node)``, if given, says where autograd's nodes keep the layer's input: ``(levels, name)``,
+    the saved tensor ``name`` of the node ``levels`` steps below the output's node ``node``
+    along first edges (None: not there). Under saved-tensor hooks (``torch.utils.checkpoint``,
+    CPU offloading) the engine then reads the input from there in the backward pass instead of
+    keeping it, so that it is recomputed or offloaded like the layer's other activations.
     """
 
     backprop: RuleFn
@@ -191,6 +201,7 @@ class Rule:
     capture: CaptureFn | None = None
     needs_output: bool = True
     batch_norm: bool = False
+    saved_input: Callable | None = None
 
 
 _LAYER_RULES: dict[type[nn.Module], Rule] = {}
@@ -212,6 +223,7 @@ def register_rule(
     capture: CaptureFn | None = None,
     needs_output: bool = True,
     batch_norm: bool = False,
+    saved_input: Callable | None = None,
 ):
     """Register the HesScale rule of a layer type or of a custom autograd Function.
 
@@ -233,14 +245,17 @@ def register_rule(
             ``ctx.output`` (then a ``meta`` tensor), which saves keeping the output alive.
         batch_norm: layers only: the rule differentiates its weights through a train-mode
             BatchNorm that follows it, given in ``ctx.normalized``.
+        saved_input: layers only: where autograd's nodes keep the layer's input (see
+            :class:`Rule`), so that checkpointing frees it.
     """
     if isinstance(target, type) and issubclass(target, nn.Module):
-        _LAYER_RULES[target] = Rule(backprop, check, capture, needs_output, batch_norm)
+        _LAYER_RULES[target] = Rule(backprop, check, capture, needs_output, batch_norm, saved_input)
     elif isinstance(target, type) and issubclass(target, torch.autograd.Function):
-        if check is not None or capture is not None or not needs_output or batch_norm:
+        layer_only = (check, capture, saved_input)
+        if any(o is not None for o in layer_only) or not needs_output or batch_norm:
             raise TypeError(
-                "check, capture, needs_output and batch_norm apply to layer rules, not to "
-                "Function rules"
+                "check, capture, needs_output, batch_norm and saved_input apply to layer rules, "
+                "not to Function rules"
             )
         _NODE_RULES[target] = backprop
     else:

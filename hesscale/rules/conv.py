@@ -211,7 +211,21 @@ def check_conv(module: nn.Module) -> str | None:
     return None
 
 
+def convolution_input(module: nn.Module, node) -> tuple[int, str] | None:
+    """Where autograd keeps a convolution's input (not for an asymmetric ``'same'`` padding,
+    which PyTorch applies to the input before the convolution)."""
+    symmetric = isinstance(module, TRANSPOSED) or all(a == b for a, b in _explicit_padding(module))
+    if symmetric and type(node).__name__ == "ConvolutionBackward0":
+        return 0, "input"
+    return None
+
+
 for _conv in CONVOLUTIONS + TRANSPOSED:
     register_rule(
-        _conv, conv_rule, check_conv, needs_output=False, batch_norm=_conv in CONVOLUTIONS
+        _conv,
+        conv_rule,
+        check_conv,
+        needs_output=False,
+        batch_norm=_conv in CONVOLUTIONS,
+        saved_input=convolution_input,
     )

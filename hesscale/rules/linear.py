@@ -128,4 +128,18 @@ def addmm_rule(ctx: NodeContext):
     return s_c, s_a, s_b
 
 
-register_rule(nn.Linear, linear_rule, needs_output=False, batch_norm=True)
+def linear_input(module: nn.Module, node) -> tuple[int, str] | None:
+    """Where autograd keeps a Linear layer's input: ``addmm``'s or ``mm``'s first factor,
+    below the view that restores the leading dimensions of an N-D input."""
+    levels = 0
+    while type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0") and levels < 1:
+        node, levels = node.next_functions[0][0], levels + 1
+    name = type(node).__name__
+    if name == "AddmmBackward0":
+        return levels, "mat1"
+    if name == "MmBackward0":
+        return levels, "self"
+    return None
+
+
+register_rule(nn.Linear, linear_rule, needs_output=False, batch_norm=True, saved_input=linear_input)
