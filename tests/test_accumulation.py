@@ -305,3 +305,28 @@ def test_an_unrecognisable_loss_scale_after_unscale_is_refused():
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="no recognisable loss scale"):
         scaler.step(opt)
+
+
+def test_train_mode_batch_norm_accumulates_each_micro_batchs_own_estimate():
+    """Train-mode BatchNorm normalises each micro-batch by its own statistics, so neither the
+    gradient nor the estimate of k micro-batches is the whole batch's; the estimate is the sum
+    of the micro-batches' estimates, each with its own statistics, as the gradient is the sum
+    of theirs (what the documentation says, pinned)."""
+    torch.manual_seed(0)
+    model = hesscale.extend(
+        nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+    )
+    x, y = torch.randn(N, 4, dtype=D), torch.randint(0, 3, (N,))
+    parts = _micro_batches(2)
+    alone = []
+    for part in parts:
+        state = copy.deepcopy(model[1].state_dict())
+        one = _whole_batch(model, x[part], y[part], "hesscale", "sum")
+        model[1].load_state_dict(state)  # running statistics as before the micro-batch
+        alone.append(one)
+    accumulated = _accumulated(model, x, y, "hesscale", "sum", 2)
+    whole = _whole_batch(model, x, y, "hesscale", "sum")
+    for name in accumulated:
+        for i in (0, 1):  # gradient, estimate
+            torch.testing.assert_close(accumulated[name][i], alone[0][name][i] + alone[1][name][i])
+    assert not torch.allclose(accumulated["0.weight"][1], whole["0.weight"][1])

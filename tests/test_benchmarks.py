@@ -68,6 +68,25 @@ def test_model_cost_runs_the_gpu_checks_settings_on_a_small_batch(tmp_path):
     assert 0 <= row["precision"]["hesscale"]["relative_l1"] < 0.05
 
 
+def test_checkpoint_cost_counts_the_recomputations(tmp_path):
+    """Checkpointing recomputes each block once; the non-reentrant mode's estimate once more."""
+    out = tmp_path / "checkpoint.json"
+    _load("checkpoint_cost").main(
+        ["--layers", "2", "--width", "16", "--heads", "2", "--context", "8", "--batch", "2"]
+        + ["--vocab", "20", "--rounds", "1", "--json", str(out)]
+    )
+    runs = {(r["checkpointing"], r["method"]): r for r in json.loads(out.read_text())["runs"]}
+    forwards = {key: r["block_forwards"] for key, r in runs.items()}
+    assert forwards == {
+        ("none", None): 2,
+        ("none", "hesscale"): 2,
+        ("non-reentrant", None): 4,
+        ("non-reentrant", "hesscale"): 6,
+        ("reentrant", None): 4,
+        ("reentrant", "hesscale"): 4,
+    }
+
+
 def _tiny_gpt(bench):
     """``build`` of model_cost with a GPT of width 16 in place of GPT-2's shape."""
     language_problem = _load("model_cost").language_problem

@@ -208,6 +208,8 @@ def test_the_readme_snippet_runs(tmp_path):
             use_cpu=True,
             disable_tqdm=True,
             per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            **hf.checkpointing_argument(transformers),
         ),
     }
     exec(compile(block, "README Hugging Face", "exec"), namespace)
@@ -243,6 +245,14 @@ def test_shakespeare_training_through_the_trainer_writes_and_reuses_results(tmp_
     assert "llama/AdaHesScaleGN" in hf_training.table(summary)
     monkeypatch.setattr(hf_training, "run_one", lambda *a, **k: pytest.fail("recomputed"))
     assert hf_training.run(tmp_path / "out", **kwargs)["runs"].keys() == summary["runs"].keys()
+    monkeypatch.undo()
+    # micro-batches and checkpointing are runs of their own, trained through the Trainer
+    kwargs.update(optimizers=("AdaHesScaleGN",), accumulate=2, checkpointing=True)
+    again = hf_training.run(tmp_path / "out", **kwargs)
+    assert again["config"]["accumulate"] == 2 and again["config"]["checkpointing"]
+    for key in ("gpt2/AdaHesScaleGN", "llama/AdaHesScaleGN"):
+        assert again["runs"][key]["status"] == "finished", key
+        assert math.isfinite(again["runs"][key]["valid_loss"]), key
 
 
 @pytest.mark.parametrize("as_dict", [False, True])

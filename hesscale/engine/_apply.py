@@ -157,7 +157,9 @@ def _apply_layer(pass_: _Pass, info: _NodeInfo, call: _LayerCall, grad, s, node)
         else:
             child, nr = info.edges[0]
             pass_.add(child, nr, result.curvature_input)
-    call.input = call.output = call.saved = call.normalized = call.ctx = None
+    call.ctx = call.normalized = None
+    if not pass_.retain:  # else another backward pass through this graph needs them
+        call.input = call.output = call.saved = None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -121,6 +121,7 @@ class _Pass:
         self.curvature: dict[tuple, Tensor] = {}  # (node, output_nr) -> ŝ received so far
         self.store = PassEstimates(self.id, self.dtype, self.options, self.method, forwards)
         self.only: set[int] | None = None  # backward(inputs=...): the tensors it reaches
+        self.retain = False  # backward(retain_graph=True): keep the records for another pass
         self.exec_group = new_exec_group()
         self.recomputes: list[Recompute] = []  # of the reentrant checkpoints it hooked
         # a nested pass (inside a reentrant checkpoint's backward): the outer pass, whose
@@ -139,7 +140,7 @@ class _Pass:
 
     # --- planning -------------------------------------------------------------------------
     @classmethod
-    def plan(cls, roots, inputs=None) -> _Pass | None:
+    def plan(cls, roots, inputs=None, retain: bool = False) -> _Pass | None:
         """The pass of a backward from ``roots`` (restricted to ``inputs`` if given), or None
         when no network output of an extended model with a requested estimate lies below."""
         markers: dict = {}  # the marks of network outputs -> their _Forward
@@ -185,6 +186,7 @@ class _Pass:
                 f"forward passes were extended with different settings {sorted(map(str, settings))}"
             )
         pass_ = cls(list(forwards.values()))
+        pass_.retain = retain
         if inputs is not None:
             pass_.only = {id(t) for t in inputs}
         pass_.info = info
@@ -242,6 +244,7 @@ class _Pass:
             own = False
             if info.calls is not None:
                 for call in info.calls.values():
+                    call.targets = None  # chosen anew by each pass (a retained graph's too)
                     for p in self._layer_params(call):
                         own = True
                         uses[id(p)] = uses.get(id(p), 0) + 1
@@ -351,8 +354,9 @@ class _Pass:
         """The layer call's context, complete but for the gradient and curvature at its output."""
         if call.input is None and call.input_path is None:
             raise RuntimeError(
-                "hesscale computes its estimates once per forward pass; run the forward "
-                "pass again before another backward through the same graph"
+                "a second backward pass through this graph: the first one released what the "
+                "forward pass recorded (as autograd releases its saved tensors). Backpropagate "
+                "with retain_graph=True to go through it again, or run the forward pass again"
             )
         if call.output is not None and call.output._version != call.version:
             raise RuntimeError(
@@ -501,8 +505,9 @@ class _Pass:
         for recompute in self.recomputes:
             recompute.restore()
         missing = self.store.finish(failed) if self.outer is None else []
-        for f in self.forwards:
-            f.release()
+        if not self.retain:
+            for f in self.forwards:
+                f.release()
         self.curvature.clear()
         self.info.clear()
         if missing and self.options.collect is not None:  # diagonal(): say so now
@@ -519,7 +524,8 @@ def run_backward(roots, gradients=None, retain_graph=None, create_graph=False, i
     if isinstance(inputs, Tensor):
         inputs = (inputs,)
     with torch._C.DisableTorchFunctionSubclass():
-        curvature_pass = _Pass.plan(roots, inputs)
+        retain = create_graph if retain_graph is None else retain_graph
+        curvature_pass = _Pass.plan(roots, inputs, bool(retain))
         if curvature_pass is not None and curvature_pass.outer is None:
             curvature_pass.store.scale = _loss_scale(roots)
         elif curvature_pass is not None:  # inside a reentrant checkpoint: start from ŝ

@@ -23,7 +23,7 @@ import hesscale
 from hesscale.optim import AdaHesScale, AdaHesScaleGN, UpdateError
 
 from .._progress import progress
-from .huggingface import _transformers, tiny_model
+from .huggingface import _transformers, checkpointing_argument, tiny_model
 from .io import atomic_write_json, environment_record, read_json
 from .text import CharCorpus, read_plays
 
@@ -73,7 +73,14 @@ def run_one(
     layers: int,
     seed: int,
     scratch: Path,
+    accumulate: int = 1,
+    checkpointing: bool = False,
 ) -> dict:
+    """One (model, optimizer) run; ``accumulate`` splits each batch into that many
+    micro-batches (``gradient_accumulation_steps``), ``checkpointing`` recomputes each block's
+    activations in the backward pass (the Trainer's activation checkpointing)."""
+    if batch % accumulate:
+        raise ValueError(f"the batch ({batch}) must be a multiple of accumulate ({accumulate})")
     t = _transformers()
     torch.manual_seed(seed)
     model = char_model(model_name, len(corpus.vocabulary), width, layers, context)
@@ -90,7 +97,9 @@ def run_one(
     args = t.TrainingArguments(
         output_dir=str(scratch),
         max_steps=steps,
-        per_device_train_batch_size=batch,
+        per_device_train_batch_size=batch // accumulate,
+        gradient_accumulation_steps=accumulate,
+        **checkpointing_argument(t, checkpointing),
         per_device_eval_batch_size=64,
         logging_steps=10,
         report_to=[],
@@ -139,12 +148,16 @@ def run(
     seed: int = 0,
     data_dir=None,
     download: bool = False,
+    accumulate: int = 1,
+    checkpointing: bool = False,
 ) -> dict:
-    """Run (or resume) every (model, optimizer); write the summary and the plot."""
+    """Run (or resume) every (model, optimizer); write the summary and the plot. ``accumulate``
+    and ``checkpointing`` are passed to the Trainer (see :func:`run_one`)."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     corpus = CharCorpus.of(read_plays(data_dir, download))
     tag = f"s{steps}_b{batch}_c{context}_w{width}_l{layers}_seed{seed}"
+    tag += (f"_acc{accumulate}" if accumulate > 1 else "") + ("_ckpt" if checkpointing else "")
     runs = {}
     plan = [(m, o) for m in models for o in optimizers]
     with progress(total=len(plan), desc="Shakespeare: model × optimizer", unit="run") as bar:
@@ -162,6 +175,8 @@ def run(
                     layers,
                     seed,
                     out / "scratch",
+                    accumulate,
+                    checkpointing,
                 )
                 atomic_write_json(path, result)
             runs[(model_name, optimizer)] = read_json(path, "training run")
@@ -178,6 +193,8 @@ def run(
             "width": width,
             "layers": layers,
             "seed": seed,
+            "accumulate": accumulate,
+            "checkpointing": checkpointing,
             "vocabulary": len(corpus.vocabulary),
             "optimizers": {k: v[1] for k, v in OPTIMIZERS.items() if k in optimizers},
         },

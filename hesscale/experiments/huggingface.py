@@ -127,6 +127,14 @@ def tiny_model(
     return model.train()
 
 
+def checkpointing_argument(transformers, enabled: bool = True) -> dict:
+    """``TrainingArguments``' switch of activation checkpointing under this version's name
+    (``activation_checkpointing`` since transformers 5, ``gradient_checkpointing`` before)."""
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else None
+    return {name or "gradient_checkpointing": enabled}
+
+
 def batch(name: str, generator: torch.Generator, size: int = 2, length: int = 6):
     """Inputs and targets of ``name``: token ids (targets the ids themselves for language
     models, 3 classes for BERT) or 8×8 RGB images (ViT, 3 classes)."""

@@ -58,6 +58,7 @@ class RunConfig:
     max_batches: int | None = None  # cap on batches per epoch (tests, smoke runs)
     extra: dict = field(default_factory=dict)  # further optimizer arguments
     text_file: str | None = None  # text problems: a text file of one's own instead of the data
+    accumulate: int = 1  # micro-batches per step (gradient accumulation), each loss weighted
 
     def label(self) -> str:
         """What a progress bar shows of the run (the name without its problem and digest)."""
@@ -67,14 +68,32 @@ class RunConfig:
     def name(self) -> str:
         """A file name that identifies the configuration."""
         fields = asdict(self)
-        if fields["text_file"] is None:  # records written before the field existed keep names
-            del fields["text_file"]
+        for key, default in (("text_file", None), ("accumulate", 1)):
+            if fields[key] == default:  # records written before the field existed keep names
+                del fields[key]
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         b1, b2 = self.betas
         return (
             f"{self.problem}_{self.optimizer}_lr{self.lr:.3g}_b{b1:g}-{b2:g}"
             f"_s{self.seed}_e{self.epochs}_{digest}"
         )
+
+
+def _accumulated_backward(net, loss_fn, x, y, micro_batches: int, create_graph: bool) -> float:
+    """Backpropagate the batch's mean loss in ``micro_batches`` parts, each loss weighted by its
+    share of the batch (gradients and estimates then sum to the whole batch's); under
+    DistributedDataParallel all but the last part run in ``no_sync()``. Returns the loss."""
+    total = 0.0
+    parts = torch.arange(len(x)).tensor_split(micro_batches)
+    for j, part in enumerate(parts):
+        quiet = j < len(parts) - 1 and hasattr(net, "no_sync")
+        with net.no_sync() if quiet else contextlib.nullcontext():
+            loss = loss_fn(net(x[part]), y[part]) * (len(part) / len(x))
+            total += loss.item()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
+                loss.backward(create_graph=create_graph)
+    return total
 
 
 def make_optimizer(config: RunConfig, model: nn.Module, l2: float) -> torch.optim.Optimizer:
@@ -242,6 +261,8 @@ def train(
     result_path, ckpt_path = out / f"{config.name()}.json", out / f"{config.name()}.ckpt"
     if result_path.exists():
         return read_json(result_path, "run record")
+    if not isinstance(config.accumulate, int) or config.accumulate < 1:
+        raise ValueError(f"accumulate must be a positive integer, got {config.accumulate!r}")
     ranks, device = ranks_from_environment(device)
     problem = get_problem(config.problem)
     if splits is None:
@@ -296,14 +317,10 @@ def train(
             y = train_y[idx].to(device)
             with attention_for(create_graph):
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(net(x), y)
-                value = loss.item()
+                value = _accumulated_backward(net, loss_fn, x, y, config.accumulate, create_graph)
                 if ranks.any(not math.isfinite(value) or value > DIVERGENCE_THRESHOLD):
                     status = "diverged"
                     break
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
-                    loss.backward(create_graph=create_graph)
                 try:
                     opt.step()
                 except UpdateError:  # the guard refused a blow-up: the run diverged
