@@ -7,6 +7,7 @@ overlap switched off (all estimates averaged in step(), after the backward pass)
 all-reduce of all estimates alone. Rank 0 prints the ratios.
 
     python benchmarks/ddp_cost.py [--processes 2] [--layers 4] [--batch-size 128] [--rounds 20]
+        [--device cuda]   (one GPU per process, nccl)
 """
 
 from __future__ import annotations
@@ -29,13 +30,18 @@ from hesscale.optim import AdaHesScale, AdaHesScaleGN
 
 def worker(rank, args, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=args.processes)
+    gpu = args.device.startswith("cuda")
+    device = f"cuda:{rank}" if gpu else "cpu"
+    if gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=args.processes)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.processes))
     torch.manual_seed(0)
-    base = hesscale.extend(fig2b_network(args.layers))
+    base = hesscale.extend(fig2b_network(args.layers).to(device))
     loss_fn = hesscale.extend(nn.CrossEntropyLoss())
     local = args.batch_size // args.processes
-    x, y = torch.randn(local, 64), torch.randint(0, 100, (local,))
+    x = torch.randn(local, 64, device=device)
+    y = torch.randint(0, 100, (local,), device=device)
     fns = {}
     for name, cls in (
         ("Adam", torch.optim.Adam),
@@ -57,15 +63,16 @@ def worker(rank, args, port):
             opt.step()
 
         fns[name] = step
-    flat = torch.randn(sum(p.numel() for p in base.parameters()))
+    flat = torch.randn(sum(p.numel() for p in base.parameters()), device=device)
     fns["all-reduce of estimates alone"] = lambda: dist.all_reduce(flat)
     # every rank must run the same order: interleaved_times shuffles with a shared seed
-    times = interleaved_times(fns, rounds=args.rounds, warmup=3, seed=0)
+    times = interleaved_times(fns, rounds=args.rounds, warmup=3, seed=0, device=device)
     if rank == 0:
         adam = times["Adam"]["median"]
         params = sum(p.numel() for p in base.parameters())
         print(
-            f"{args.processes} processes (gloo, CPU), {args.layers} hidden layers "
+            f"{args.processes} processes ({'nccl, GPUs' if gpu else 'gloo, CPU'}), "
+            f"{args.layers} hidden layers "
             f"({params} parameters), global batch {args.batch_size}"
         )
         for name, t in times.items():
@@ -79,7 +86,10 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, a GPU each)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and torch.cuda.device_count() < args.processes:
+        parser.error(f"--device cuda needs a GPU per process ({torch.cuda.device_count()} found)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

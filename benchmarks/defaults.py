@@ -58,9 +58,9 @@ def default_lr(spec) -> float:
     return inspect.signature(spec.cls).parameters["lr"].default
 
 
-def run(name: str, make, data) -> tuple[str, float, float]:
+def run(name: str, make, data, device: str = "cpu") -> tuple[str, float, float]:
     torch.manual_seed(0)
-    model = hesscale.extend(make())
+    model = hesscale.extend(make().to(device))
     spec = OPTIMIZERS[name]
     lr = default_lr(spec)
     opt = spec.cls(model.parameters(), lr=lr, **spec.options)
@@ -68,6 +68,7 @@ def run(name: str, make, data) -> tuple[str, float, float]:
     losses = []
     create_graph = name == "adahessian"
     for x, y in data:
+        x, y = x.to(device), y.to(device)
         opt.zero_grad()
         loss = loss_fn(model(x), y)
         value = loss.item()
@@ -89,12 +90,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--problems", nargs="+", default=["fmnist_2c2d", "fmnist_mlp", "vgg"])
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     print(f"{'problem':<13}{'optimizer':<22}{'lr':>8}  {'outcome':<9}{'first':>9}{'last':>10}")
     for problem in args.problems:
         make, data = batches(problem, args.steps)
         for name in args.optimizers:
-            outcome, first, last = run(name, make, data)
+            outcome, first, last = run(name, make, data, args.device)
             lr = default_lr(OPTIMIZERS[name])
             print(
                 f"{problem:<13}{name:<22}{lr:>8g}  {outcome:<9}{first:>9.3f}{last:>10.3g}",

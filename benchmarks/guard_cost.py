@@ -8,7 +8,7 @@ configuration. Without scaling or clipping the update ``m/d`` is otherwise never
 so there the guard costs three passes over the parameters (writing it, its norm, adding it);
 with either, only its norm.
 
-    python benchmarks/guard_cost.py [--rounds 30] [--layers 4] [--batch-size 128]
+    python benchmarks/guard_cost.py [--rounds 30] [--layers 4] [--batch-size 128] [--device cuda]
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    base = fig2b_network(args.layers)
-    x = torch.randn(args.batch_size, 64)
-    y = torch.randint(0, 100, (args.batch_size,))
+    base = fig2b_network(args.layers).to(args.device)
+    x = torch.randn(args.batch_size, 64, device=args.device)
+    y = torch.randint(0, 100, (args.batch_size,), device=args.device)
     loss_fn = nn.CrossEntropyLoss()
     steps = {}
     variants = {
@@ -57,10 +58,11 @@ def main(argv=None):
             opt.step()
 
         steps[name] = step
-    times = interleaved_times(steps, rounds=args.rounds, inner=1)
+    times = interleaved_times(steps, rounds=args.rounds, inner=1, device=args.device)
     base_t = times["without guard"]["median"]
     print(
-        f"# Fig. 2b L={args.layers}, batch {args.batch_size}, {torch.get_num_threads()} threads; "
+        f"# Fig. 2b L={args.layers}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+        f"device {args.device}; "
         f"step without guard {base_t * 1e3:.1f} ms"
     )
     for name in variants:

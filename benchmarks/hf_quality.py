@@ -2,7 +2,7 @@
 BERT, ViT; random weights, no download), as Fig. 1 asks it: L1 error over all parameters
 relative to Σ|diag(H)|. Needs ``pip install -e ".[hf]"``.
 
-    python benchmarks/hf_quality.py [--attention sdpa|eager] [--seeds 3]
+    python benchmarks/hf_quality.py [--attention sdpa|eager] [--seeds 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attention", choices=hf.ATTENTION, default="sdpa")
     parser.add_argument("--seeds", type=int, default=1, help="initialisations, averaged")
+    parser.add_argument("--device", default="cpu", help="where the estimates and truths run")
     args = parser.parse_args()
     results = {}
     for name in hf.MODELS:
-        rows = [hf.quality(name, args.attention, seed) for seed in range(args.seeds)]
+        rows = [
+            hf.quality(name, args.attention, seed, device=args.device) for seed in range(args.seeds)
+        ]
         mean = dict(rows[0])
         for key, value in rows[0].items():
             if isinstance(value, float):

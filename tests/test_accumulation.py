@@ -330,3 +330,13 @@ def test_train_mode_batch_norm_accumulates_each_micro_batchs_own_estimate():
         for i in (0, 1):  # gradient, estimate
             torch.testing.assert_close(accumulated[name][i], alone[0][name][i] + alone[1][name][i])
     assert not torch.allclose(accumulated["0.weight"][1], whole["0.weight"][1])
+
+
+def test_per_example_estimates_never_accumulate():
+    """individual=True: each pass's per-example estimates, whatever the gradient did."""
+    model, x, y = _network("mlp")
+    _, first = hesscale.diagonal(model, _loss, x, y, individual=True)
+    _, second = hesscale.diagonal(model, _loss, x, y, individual=True)  # .grad accumulates
+    for name in first:
+        torch.testing.assert_close(second[name], first[name])
+        torch.testing.assert_close(model.get_parameter(name).hess_diag, first[name])

@@ -75,10 +75,12 @@ def run_one(
     scratch: Path,
     accumulate: int = 1,
     checkpointing: bool = False,
+    device: str | None = None,
 ) -> dict:
-    """One (model, optimizer) run; ``accumulate`` splits each batch into that many
-    micro-batches (``gradient_accumulation_steps``), ``checkpointing`` recomputes each block's
-    activations in the backward pass (the Trainer's activation checkpointing)."""
+    """One (model, optimizer) run on ``device`` (default: a GPU if there is one). ``accumulate``
+    splits each batch into that many micro-batches (``gradient_accumulation_steps``),
+    ``checkpointing`` recomputes each block's activations in the backward pass (the Trainer's
+    activation checkpointing)."""
     if batch % accumulate:
         raise ValueError(f"the batch ({batch}) must be a multiple of accumulate ({accumulate})")
     t = _transformers()
@@ -104,7 +106,7 @@ def run_one(
         logging_steps=10,
         report_to=[],
         save_strategy="no",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu" if device is not None else not torch.cuda.is_available(),
         disable_tqdm=True,
         seed=seed,
         dataloader_drop_last=True,
@@ -150,6 +152,7 @@ def run(
     download: bool = False,
     accumulate: int = 1,
     checkpointing: bool = False,
+    device: str | None = None,
 ) -> dict:
     """Run (or resume) every (model, optimizer); write the summary and the plot. ``accumulate``
     and ``checkpointing`` are passed to the Trainer (see :func:`run_one`)."""
@@ -177,6 +180,7 @@ def run(
                     out / "scratch",
                     accumulate,
                     checkpointing,
+                    device,
                 )
                 atomic_write_json(path, result)
             runs[(model_name, optimizer)] = read_json(path, "training run")

@@ -175,21 +175,23 @@ def _error(estimate: dict, truth: dict) -> float:
     return float(sum((estimate[n] - truth[n]).abs().sum() for n in truth) / total)
 
 
-def quality(name: str, attention: str = "sdpa", seed: int = 0, layers: int = 2) -> dict:
+def quality(
+    name: str, attention: str = "sdpa", seed: int = 0, layers: int = 2, device: str = "cpu"
+) -> dict:
     """Each method's L1 error over all parameters relative to ``Σ|diag(H)|`` (and, for the
     Gauss-Newton methods, to ``Σ|diag(G)|``); ``None`` where the engine refuses the method,
     with the reason. Also ``head_exact``: HesScale's largest relative error on the output
     layer, which the paper's rule makes exact when that layer is the model's last."""
     torch.manual_seed(seed)
-    model = Logits(tiny_model(name, attention, layers)).double()
-    x, y = batch(name, torch.Generator().manual_seed(seed))
+    model = Logits(tiny_model(name, attention, layers)).double().to(device)
+    x, y = (t.to(device) for t in batch(name, torch.Generator().manual_seed(seed)))
     loss_fn = nn.CrossEntropyLoss()
     with sdpa_kernel(SDPBackend.MATH):
         exact = exact_hessian_diagonal(model, loss_fn, x, y)
         ggn = ggn_diagonal(model, loss_fn, x, y)
     result: dict = {"parameters": sum(p.numel() for p in model.parameters()), "refused": {}}
     for label, method, samples in METHODS:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device).manual_seed(seed)
         reference = (
             sdpa_kernel(SDPBackend.MATH) if method == "hutchinson" else contextlib.nullcontext()
         )
