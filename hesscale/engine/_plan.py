@@ -17,7 +17,7 @@ from ..rules import NodeContext, node_rule_for
 from ..rules._registry import LayerContext, supported_operations
 from ..rules.normalization import batch_statistics  # noqa: F401
 from ._apply import _as, _meta_tensor, _on_monte_carlo, _on_node, new_exec_group
-from ._checkpoint import Recompute, is_reentrant_checkpoint
+from ._nested import Recompute, backpropagate_through, is_reentrant_checkpoint
 from ._record import _LAYER_TAG, _MARK_NODE, _OUTPUT_TAG, _Forward, _LayerCall, _plain
 from ._store import _REQUEST, PassEstimates, refuse_missing
 
@@ -124,11 +124,11 @@ class _Pass:
         self.retain = False  # backward(retain_graph=True): keep the records for another pass
         self.exec_group = new_exec_group()
         self.recomputes: list[Recompute] = []  # of the reentrant checkpoints it hooked
-        # a nested pass (inside a reentrant checkpoint's backward): the outer pass, whose
-        # estimates it adds to, and {id(detached argument): the outer edge it feeds}
-        recompute = first.recompute
-        self.outer = recompute.outer if recompute is not None else None
-        self.captured: dict[int, tuple] = recompute.captured() if recompute is not None else {}
+        # a nested pass (over a recomputation, hesscale.engine._nested): the outer pass, whose
+        # estimates it adds to, and the leaves whose curvature it hands back
+        self.nested = first.recompute
+        self.outer = self.nested.outer if self.nested is not None else None
+        self.captured: dict[int, object] = self.nested.captured() if self.nested else {}
         if self.outer is not None:
             self.store = self.outer.store
         self.handles: list[RemovableHandle] = []
@@ -190,8 +190,7 @@ class _Pass:
         if inputs is not None:
             pass_.only = {id(t) for t in inputs}
         pass_.info = info
-        recompute = pass_.forwards[0].recompute
-        if recompute is None or recompute.info.network:
+        if pass_.nested is None or pass_.nested.network:
             pass_._mark_network(markers)
         try:
             pass_._prepare(order)
@@ -273,7 +272,7 @@ class _Pass:
     def seed(self, roots) -> None:
         """A nested pass starts from the curvature the outer pass delivered at its
         checkpoint node's outputs."""
-        for root, s in self.forwards[0].recompute.seeds(roots):
+        for root, s in self.nested.seeds(roots):
             if s is not None:
                 child, nr = _below_identities((root.grad_fn, 0), {})
                 if child is not None:
@@ -282,11 +281,11 @@ class _Pass:
     def add_to_leaf(self, p: Tensor, s: Tensor) -> None:
         """``ŝ`` at a leaf: a parameter's estimate, or, in a nested pass, the curvature at a
         checkpoint's argument, handed to the outer pass."""
-        edge = self.captured.get(id(p)) if self.captured else None
-        if edge is None:
+        key = self.captured.get(id(p)) if self.captured else None
+        if key is None:
             self.store.add(p, s)
         else:
-            self.outer.add(edge[0], edge[1], s)
+            self.nested.deliver(key, s)
 
     def _requested(self) -> list[Tensor]:
         """The parameters of the pass's models whose estimate is asked for."""
@@ -348,6 +347,8 @@ class _Pass:
                 settings=self.settings,
                 scratch=self.scratch,
             )
+            if getattr(info.rule, "backpropagates_through", False):
+                info.ctx.through = partial(backpropagate_through, self, info.network)
         self.handles.append(node.register_prehook(partial(_on_node, self, node)))
 
     def _prepare_layer(self, info: _NodeInfo, call: _LayerCall) -> None:

@@ -6,10 +6,13 @@ from . import (  # noqa: F401  (registration)
     conv,
     elementwise,
     embedding,
+    interpolation,
     linear,
     losses,
     normalization,
+    norms,
     pooling,
+    recurrent,
     shape,
     softmax,
 )

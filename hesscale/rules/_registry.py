@@ -135,6 +135,10 @@ class NodeContext:
         dtype: the parameters' dtype, in which the curvature pass runs (mixed precision).
         settings: the model's choices between rule variants (:class:`Settings`).
         scratch: the model's pool of temporaries (see :func:`squared`), or None.
+        through: the engine's :func:`hesscale.engine._nested.backpropagate_through`, for
+            :meth:`backpropagate`; given to rules whose function has
+            ``backpropagates_through = True`` (fused kernels the operation rules know in
+            pieces).
     """
 
     node: object
@@ -147,6 +151,7 @@ class NodeContext:
     settings: Settings = Settings()
     scratch: dict | None = None
     unpacked: dict = field(default_factory=dict)
+    through: Callable | None = None  # for rules marked backpropagates_through (see below)
 
     def saved(self, name: str):
         """``node._saved_<name>``, floating tensors cast to the pass's dtype. Each is unpacked
@@ -158,6 +163,17 @@ class NodeContext:
         if isinstance(value, Tensor) and value.is_floating_point() and self.dtype is not None:
             return value.to(self.dtype) if value.dtype != self.dtype else value
         return value
+
+    def backpropagate(self, fn, inputs) -> list:
+        """The curvature at ``inputs`` of a recomputation ``fn(*inputs)`` of the node's
+        outputs, given the gradient and curvature at them, by a nested pass over ``fn``'s
+        operations (None for an input that needs none)."""
+        if self.through is None:
+            raise NotImplementedError(
+                "this rule recomputes its node with other operations, which needs the engine "
+                "(mark the rule function with backpropagates_through = True)"
+            )
+        return self.through(self, fn, inputs)
 
     @property
     def g(self) -> Tensor | None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._registry import NodeContext, operation_rule
@@ -87,6 +88,51 @@ def _elu_parts(ctx):
     positive = a > 0
     df = torch.where(positive, torch.full_like(a, scale), negative)
     d2f = torch.where(positive, torch.zeros_like(a), negative * c)
+    return df, d2f
+
+
+def _elu_result_parts(ctx):
+    """ELU/SELU in place (autograd keeps the output ``h``): for ``h ≤ 0`` (``a ≤ 0``),
+    ``e^{ca} = h/(scale·α) + 1``, so σ' = c (h + scale·α) and σ'' = c σ'; else σ' = scale."""
+    h = ctx.saved("result")
+    alpha, scale, c = ctx.saved("alpha"), ctx.saved("scale"), ctx.saved("input_scale")
+    negative = (h + scale * alpha) * c
+    positive = h > 0
+    df = torch.where(positive, torch.full_like(h, scale), negative)
+    d2f = torch.where(positive, torch.zeros_like(h), negative * c)
+    return df, d2f
+
+
+def _celu_result_parts(ctx):
+    """CELU in place, ELU with ``scale = 1`` and input scale ``c = 1/α``, which PyTorch rounds
+    to float32: for ``h ≤ 0``, ``e^{ca} = h/α + 1``, σ' = c (h + α), σ'' = c σ'; else σ' = 1."""
+    h, alpha = ctx.saved("result"), ctx.saved("alpha")
+    c = float(torch.tensor(1.0 / alpha, dtype=torch.float32))
+    negative = (h + alpha) * c
+    positive = h > 0
+    df = torch.where(positive, torch.ones_like(h), negative)
+    d2f = torch.where(positive, torch.zeros_like(h), negative * c)
+    return df, d2f
+
+
+def _hardswish_parts(ctx):
+    """``a · relu6(a + 3) / 6``: σ' = a/3 + 1/2 on [−3, 3] (0 below, 1 above, as PyTorch's
+    backward), σ'' = 1/3 inside."""
+    a = ctx.saved("self")
+    inside = (a >= -3) & (a <= 3)
+    df = torch.where(inside, a / 3 + 0.5, (a > 3).to(a.dtype))
+    return df, inside.to(a.dtype).div_(3)
+
+
+def _mish_parts(ctx):
+    """``a · tanh(softplus(a))``: with ``t = tanh(softplus(a))``, ``u = 1 − t²`` and
+    ``σ = sigmoid(a)``, σ' = t + a u σ and σ'' = 2 u σ + a u σ (1 − σ − 2 t σ)."""
+    a = ctx.saved("self")
+    t = torch.tanh(F.softplus(a))
+    u = 1 - t * t
+    sig = torch.sigmoid(a)
+    df = t + a * u * sig
+    d2f = u * sig * (2 + a * (1 - sig - 2 * t * sig))
     return df, d2f
 
 
@@ -178,6 +224,34 @@ TABLE: dict[str, Elementwise] = {
             s, c.saved("self"), c.saved("negative_slope") ** 2, False
         ),
     ),
+    # in place: the output's sign is the input's
+    "LeakyReluBackward1": Elementwise(
+        None,
+        None,
+        lambda c, s: _aten.leaky_relu_backward(
+            s, c.saved("result"), c.saved("negative_slope") ** 2, True
+        ),
+    ),
+    "ThresholdBackward1": Elementwise(
+        None,
+        None,
+        lambda c, s: _aten.threshold_backward(s, c.saved("self"), c.saved("threshold")),
+    ),
+    # σ' = 1/6 on (−3, 3) (as PyTorch's kernel rounds it): σ'² ŝ by the kernel twice
+    "HardsigmoidBackward0": Elementwise(
+        None,
+        None,
+        lambda c, s: _aten.hardsigmoid_backward(
+            _aten.hardsigmoid_backward(s, c.saved("self")), c.saved("self")
+        ),
+    ),
+    # piecewise linear with slope 0 or 1
+    "SoftshrinkBackward0": Elementwise(
+        None, None, lambda c, s: _aten.softshrink_backward(s, c.saved("self"), c.saved("lambd"))
+    ),
+    "HardshrinkBackward0": Elementwise(
+        None, None, lambda c, s: _aten.hardshrink_backward(s, c.saved("self"), c.saved("lambd"))
+    ),
     # Hardtanh and ReLU6: 1 inside (min, max)
     "HardtanhBackward0": Elementwise(
         None,
@@ -187,6 +261,10 @@ TABLE: dict[str, Elementwise] = {
         ),
     ),
     "EluBackward0": Elementwise(_first(_elu_parts), _second(_elu_parts)),
+    "EluBackward1": Elementwise(_first(_elu_result_parts), _second(_elu_result_parts)),
+    "CeluBackward1": Elementwise(_first(_celu_result_parts), _second(_celu_result_parts)),
+    "HardswishBackward0": Elementwise(_first(_hardswish_parts), _second(_hardswish_parts)),
+    "MishBackward0": Elementwise(_first(_mish_parts), _second(_mish_parts)),
     "GeluBackward0": Elementwise(_first(_gelu_parts), _second(_gelu_parts)),
     "SiluBackward0": Elementwise(_first(_silu_parts), _second(_silu_parts)),
     "SoftplusBackward0": Elementwise(_first(_softplus_parts), _second(_softplus_parts)),

@@ -26,6 +26,8 @@ SELECTIONS = (
     "DiagonalBackward0",
     "ExpandBackward0",
     "FlipBackward0",
+    "Im2ColBackward0",  # F.unfold: each column entry copies one input entry (or padding)
+    "Col2ImBackward0",  # F.fold: sums of copies
     "GatherBackward0",
     "IndexBackward0",
     "IndexSelectBackward0",
@@ -49,6 +51,7 @@ SELECTIONS = (
     "TBackward0",
     "ToCopyBackward0",
     "TransposeBackward0",
+    "TransposeBackward1",  # transpose_ (in place), e.g. inside nn.RNN and nn.GRU
     "UnbindBackward0",
     "UnfoldBackward0",
     "UnsafeSplitBackward0",

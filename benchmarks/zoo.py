@@ -1,0 +1,266 @@
+"""Every classification model of torchvision and timm that is installed: does HesScale run on it?
+
+Each model at random initialization, in train mode, on a batch of ``--batch`` random images of
+``--size`` pixels (or, if the model does not run at that size, of its own default size):
+``hesscale.diagonal`` with HesScale and HesScaleGN. Per model: the status (``runs``,
+``refused`` with the operation the engine named, or ``skipped`` where the model itself does not
+run), the classifier's largest relative error against its exact Hessian diagonal where the
+classifier is the model's last layer (for the mean cross-entropy of logits ``z = W h + b``,
+``diag ∇²_W = (1/N) Σ_n p_n (1 − p_n) h_n²``, exact for HesScale), whether any estimate is not
+finite, and the time of the estimate over a plain forward+backward. torchvision: its 80-odd
+classification models up to ``--max-params``; timm: the first model of each of its modules
+(families). One JSON per model (written atomically; a rerun resumes), ``zoo.json`` and the
+table ``zoo.md``.
+
+    python benchmarks/zoo.py [--zoos torchvision timm] [--size 64] [--batch 2]
+        [--out results/zoo] [--models resnet18 convnext_tiny ...] [--max-params 150e6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import hesscale
+from hesscale.experiments.io import environment_record
+
+METHODS = ("hesscale", "hesscale_gn")
+
+
+def import_zoos():
+    """``(torchvision.models, timm)`` (None for what is not installed).
+
+    The torchvision wheel that keeps this project's CPU torch (0.28.0, which pins torch 2.13.0)
+    ships operators compiled for CUDA; importing it on the CPU build fails while registering
+    them in ``torchvision._meta_registrations`` ("operator torchvision::nms does not exist").
+    The models are plain Python and need none of those operators, so that one module is
+    replaced by an empty one before the import. A workaround for this script and the tests'
+    fixtures only, never for the library. timm imports torchvision, so it needs the same.
+    """
+    try:
+        import torchvision
+    except RuntimeError:
+        for name in [n for n in sys.modules if n.startswith("torchvision")]:
+            del sys.modules[name]
+        sys.modules["torchvision._meta_registrations"] = types.ModuleType("stub")
+        import torchvision
+    except ImportError:
+        torchvision = None
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    return (torchvision.models if torchvision is not None else None), timm
+
+
+def catalogue(zoos, models_of, timm, max_params: float, only=None) -> list[tuple[str, str]]:
+    """``[(zoo, model name)]`` to try."""
+    entries = []
+    if "torchvision" in zoos and models_of is not None:
+        for name in sorted(models_of.list_models(module=models_of)):
+            entries.append(("torchvision", name))
+    if "timm" in zoos and timm is not None:
+        for module in sorted(timm.list_modules()):
+            names = timm.list_models(module=module)
+            if names:
+                entries.append(("timm", names[0]))
+    if only:
+        entries = [e for e in entries if e[1] in only]
+    return entries
+
+
+def build(zoo: str, name: str, models_of, timm) -> tuple[nn.Module, int]:
+    """The model at random initialization and its default image size."""
+    if zoo == "torchvision":
+        model = models_of.get_model(name, weights=None)
+        return model, 224
+    model = timm.create_model(name, pretrained=False)
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    return model, size
+
+
+def _head(model: nn.Module, x: torch.Tensor):
+    """The module whose output the model returns (possibly through a view): its input and
+    output, or None when the model's last operation is not a Linear layer or a 1×1 conv."""
+    found = {}
+
+    def hook(module, args, output):
+        found[id(output)] = (module, args[0].detach(), output.detach())
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module, h, z in found.values():
+        if z.data_ptr() == out.data_ptr() and z.numel() == out.numel() and h.dim() == 2:
+            return module, h, out
+    return None
+
+
+def exact_head_diagonal(h: torch.Tensor, logits: torch.Tensor, bias: bool) -> dict:
+    """The mean cross-entropy's exact Hessian diagonal for ``z = W h + b`` (any targets)."""
+    p = logits.double().softmax(-1)
+    curvature = p * (1 - p) / len(h)  # (N, C)
+    diagonal = {"weight": curvature.T @ h.double().square()}
+    if bias:
+        diagonal["bias"] = curvature.sum(0)
+    return diagonal
+
+
+def _time(fn, repeats: int = 2) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def measure(zoo: str, name: str, args, models_of, timm) -> dict:
+    record = {"zoo": zoo, "model": name}
+    torch.manual_seed(0)
+    try:
+        model, native = build(zoo, name, models_of, timm)
+    except Exception as error:  # the model does not build here
+        return {**record, "status": "skipped", "reason": f"build: {error}"[:300]}
+    params = sum(p.numel() for p in model.parameters())
+    record["params"] = params
+    if params > args.max_params:
+        return {**record, "status": "skipped", "reason": f"{params / 1e6:.0f}M parameters"}
+    model.train()
+    x = None
+    for size in dict.fromkeys((args.size, native)):
+        candidate = torch.randn(args.batch, 3, size, size)
+        try:
+            with torch.no_grad():
+                out = model(candidate)
+            if isinstance(out, torch.Tensor) and out.dim() == 2:
+                x, record["size"] = candidate, size
+                break
+        except Exception as error:  # the model does not run at this size
+            record["reason"] = f"forward at {size}: {error}"[:300]
+    if x is None:
+        return {**record, "status": "skipped"}
+    record.pop("reason", None)
+    y = torch.randint(0, out.shape[1], (args.batch,))
+    loss_fn = nn.CrossEntropyLoss()
+    plain = _time(lambda: loss_fn(model(x), y).backward())
+    record["status"] = "runs"
+    for method in METHODS:
+        try:
+            model.zero_grad(set_to_none=True)
+            _, estimate = hesscale.diagonal(model, loss_fn, x, y, method=method)  # and warm-up
+            seconds = _time(lambda: hesscale.diagonal(model, loss_fn, x, y, method=method), 1)
+        except hesscale.UnsupportedModuleError as error:
+            text = str(error)
+            record["status"] = "refused"
+            record["operation"] = text.split(" ")[0].strip("'")
+            record["message"] = text[:400]
+            return record
+        except Exception as error:
+            record["status"] = "error"
+            record["message"] = "".join(traceback.format_exception_only(error))[:400]
+            return record
+        record[f"{method}_finite"] = all(torch.isfinite(v).all().item() for v in estimate.values())
+        record[f"{method}_time_ratio"] = seconds / plain
+        if method == "hesscale":
+            head = _head(model, x)
+            if head is not None:
+                module, h, logits = head
+                exact = exact_head_diagonal(h, logits, module.bias is not None)
+                names = {id(p): n for n, p in model.named_parameters()}
+                errors = []
+                for key, value in exact.items():
+                    got = estimate[names[id(getattr(module, key))]].double()
+                    errors.append(float((got - value).abs().max() / value.abs().max()))
+                record["head_error"] = max(errors)
+    return record
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def table(records: list[dict]) -> str:
+    lines = [
+        "| zoo | model | params | status | refused operation / reason | head error | "
+        "HesScale time | HesScaleGN time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        why = r.get("operation") or r.get("reason") or ""
+        head = f"{r['head_error']:.1e}" if r.get("head_error") is not None else ""
+        lines.append(
+            f"| {r['zoo']} | {r['model']} | {r.get('params', 0) / 1e6:.1f}M | {r['status']} | "
+            f"{why[:60]} | {head} | {r.get('hesscale_time_ratio', float('nan')):.2f}x | "
+            f"{r.get('hesscale_gn_time_ratio', float('nan')):.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zoos", nargs="+", default=["torchvision", "timm"])
+    parser.add_argument("--models", nargs="*", default=None, help="only these models")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--max-params", type=float, default=150e6)
+    parser.add_argument("--out", default="results/zoo")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    models_of, timm = import_zoos()
+    entries = catalogue(args.zoos, models_of, timm, args.max_params, args.models)
+    records = []
+    for i, (zoo, name) in enumerate(entries):
+        path = out / "models" / f"{zoo}__{name}.json"
+        if path.exists():
+            record = json.loads(path.read_text())
+        else:
+            print(f"[{i + 1}/{len(entries)}] {zoo} {name} ...", flush=True)
+            record = measure(zoo, name, args, models_of, timm)
+            _atomic(path, json.dumps(record, indent=1))
+        records.append(record)
+    counts = {}
+    for r in records:
+        key = f"{r['zoo']} {r['status']}"
+        counts[key] = counts.get(key, 0) + 1
+    refused = {}
+    for r in records:
+        if r["status"] == "refused":
+            refused.setdefault(r["operation"], []).append(f"{r['zoo']}:{r['model']}")
+    summary = {
+        "environment": environment_record(),
+        "arguments": vars(args),
+        "counts": counts,
+        "refused_operations": refused,
+        "models": records,
+    }
+    _atomic(out / "zoo.json", json.dumps(summary, indent=1))
+    _atomic(out / "zoo.md", table(records) + "\n")
+    print(json.dumps(counts, indent=1))
+    for operation, models in sorted(refused.items(), key=lambda kv: -len(kv[1])):
+        print(f"  {operation}: {len(models)} ({', '.join(models[:6])}{' …' if len(models) > 6 else ''})")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
