@@ -89,27 +89,42 @@ def build(zoo: str, name: str, models_of, timm) -> tuple[nn.Module, int]:
     return model, size
 
 
-def _head(model: nn.Module, x: torch.Tensor):
-    """The module whose output the model returns (possibly through a view): its input and
-    output, or None when the model's last operation is not a Linear layer or a 1×1 conv."""
-    found = {}
+class HeadProbe:
+    """Records, during one forward pass, every Linear layer's input and output and the model's
+    output; :meth:`head` is the Linear layer whose output the model returns (possibly through
+    a view), with its 2-D input, or None (a model whose last operation is something else)."""
 
-    def hook(module, args, output):
-        found[id(output)] = (module, args[0].detach(), output.detach())
+    def __init__(self, model: nn.Module):
+        self.model, self.calls, self.output, self.handles = model, [], None, []
 
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)
-    ]
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for handle in handles:
+    def __enter__(self):
+        def on_linear(module, args, output):
+            self.calls.append((module, args[0].detach(), output.detach()))
+
+        def on_model(module, args, output):
+            self.output = output.detach() if isinstance(output, torch.Tensor) else None
+
+        self.handles = [
+            m.register_forward_hook(on_linear)
+            for m in self.model.modules()
+            if isinstance(m, nn.Linear)
+        ]
+        self.handles.append(self.model.register_forward_hook(on_model))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
             handle.remove()
-    for module, h, z in found.values():
-        if z.data_ptr() == out.data_ptr() and z.numel() == out.numel() and h.dim() == 2:
-            return module, h, out
-    return None
+        return False
+
+    def head(self):
+        out = self.output
+        if out is None:
+            return None
+        for module, h, z in self.calls:
+            if z.data_ptr() == out.data_ptr() and z.numel() == out.numel() and h.dim() == 2:
+                return module, h, out
+        return None
 
 
 def exact_head_diagonal(h: torch.Tensor, logits: torch.Tensor, bias: bool) -> dict:
@@ -165,7 +180,8 @@ def measure(zoo: str, name: str, args, models_of, timm) -> dict:
     for method in METHODS:
         try:
             model.zero_grad(set_to_none=True)
-            _, estimate = hesscale.diagonal(model, loss_fn, x, y, method=method)  # and warm-up
+            with HeadProbe(model) as probe:  # the head's input of this very forward pass
+                _, estimate = hesscale.diagonal(model, loss_fn, x, y, method=method)
             seconds = _time(lambda: hesscale.diagonal(model, loss_fn, x, y, method=method), 1)
         except hesscale.UnsupportedModuleError as error:
             text = str(error)
@@ -180,7 +196,7 @@ def measure(zoo: str, name: str, args, models_of, timm) -> dict:
         record[f"{method}_finite"] = all(torch.isfinite(v).all().item() for v in estimate.values())
         record[f"{method}_time_ratio"] = seconds / plain
         if method == "hesscale":
-            head = _head(model, x)
+            head = probe.head()
             if head is not None:
                 module, h, logits = head
                 exact = exact_head_diagonal(h, logits, module.bias is not None)
@@ -258,7 +274,9 @@ def main(argv=None) -> dict:
     _atomic(out / "zoo.md", table(records) + "\n")
     print(json.dumps(counts, indent=1))
     for operation, models in sorted(refused.items(), key=lambda kv: -len(kv[1])):
-        print(f"  {operation}: {len(models)} ({', '.join(models[:6])}{' …' if len(models) > 6 else ''})")
+        print(
+            f"  {operation}: {len(models)} ({', '.join(models[:6])}{' …' if len(models) > 6 else ''})"
+        )
     return summary
 
 

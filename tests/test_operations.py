@@ -46,6 +46,13 @@ class Operation(nn.Module):
         return self.fn(dict(self.p), **self.constants)
 
 
+def _written(a, write):
+    """``a`` copied, then written in place by ``write`` (into a view of it)."""
+    t = a * 1.0
+    write(t)
+    return t
+
+
 def quadratic(out, target):
     s, c = target
     return (0.5 * s * out**2 + c * out).sum()
@@ -272,6 +279,46 @@ OPERATIONS = {
     "as-strided-inplace-overlapping": (
         lambda p: (p["a"] * 1.0).as_strided_((3, 3), (1, 2)),
         {"a": (7,)},
+    ),
+    # in-place writes (into views: CopySlices; into whole tensors: their own nodes)
+    "zero-into-view": (lambda p: _written(p["a"], lambda t: t[:, :2].zero_()), {"a": (3, 4)}),
+    "relu-into-view": (lambda p: _written(p["a"], lambda t: t[:, 1:].relu_()), {"a": (3, 4)}),
+    "scale-into-view": (lambda p: _written(p["a"], lambda t: t[1:].mul_(-2.5)), {"a": (3, 4)}),
+    "add-into-view": (
+        lambda p: _written(p["a"], lambda t: t[:, 1:].add_(p["b"])),
+        {"a": (3, 4), "b": (3, 3)},
+    ),
+    "copy-into-view": (
+        lambda p: _written(p["a"], lambda t: t[:, 0].copy_(p["b"])),
+        {"a": (3, 4), "b": (3,)},
+    ),
+    "setitem-broadcast": (
+        lambda p: _written(p["a"], lambda t: t.__setitem__((slice(None), slice(0, 2)), p["b"])),
+        {"a": (3, 4), "b": (2,)},
+    ),
+    "copy-whole": (lambda p: torch.zeros(3, 4, dtype=D).copy_(p["a"] ** 2), {"a": (3, 4)}),
+    "zero-whole": (lambda p: torch.cat([(p["a"] * 1.0).zero_(), p["a"]]), {"a": (3, 4)}),
+    "fill-whole": (lambda p: torch.cat([(p["a"] * 1.0).fill_(2.0), p["a"]]), {"a": (3, 4)}),
+    "index-put": (
+        lambda p: (p["a"] * 1.0).index_put_((torch.tensor([0, 2]),), p["b"]),
+        {"a": (3, 4), "b": (2, 4)},
+    ),
+    "adaptive-max-pool2d": (
+        lambda p: F.adaptive_max_pool2d(p["a"], (2, 3)),
+        {"a": (2, 2, 5, 5)},
+    ),
+    "addcmul": (
+        lambda p: torch.addcmul(p["c"], p["a"], p["b"], value=-0.7),
+        {"c": (3, 4), "a": (3, 4), "b": (4,)},
+    ),
+    "addcmul-square": (
+        lambda p: torch.addcmul(p["c"], p["a"], p["a"], value=0.6),
+        {"c": (3, 4), "a": (3, 4)},
+    ),
+    "addcdiv": (
+        lambda p: torch.addcdiv(p["c"], p["a"], p["b"], value=1.3),
+        {"c": (4,), "a": (3, 4), "b": (3, 4)},
+        ("b",),
     ),
     # interpolation (linear maps, exact with squared weights)
     "upsample-nearest": (lambda p: F.interpolate(p["a"], scale_factor=2), {"a": (2, 2, 3, 2)}),

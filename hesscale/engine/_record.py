@@ -282,6 +282,24 @@ class _ModelState:
         if method.monte_carlo:
             self.last_monte_carlo = weakref.ref(self.current)
 
+    def on_in_place_activation(self, module, args):
+        """Refuse an in-place activation with a second derivative on a view (HesScale)."""
+        forward = self.current
+        x = args[0] if args else None
+        if (
+            forward is not None
+            and forward.method.second_order_term
+            and isinstance(x, Tensor)
+            and x._base is not None
+            and x.requires_grad
+        ):
+            raise UnsupportedModuleError(
+                f"module '{self.paths.get(module, '?')}' ({type(module).__name__}) applies its "
+                "activation in place to a view: autograd hides the operation inside a "
+                "CopySlices node, whose second-order term HesScale cannot see. Use "
+                "inplace=False, or method='hesscale_gn' (which drops that term anyway)."
+            )
+
     def on_enter(self, module, args):
         if self.current is not None:
             self._refuse_compiling()
@@ -488,6 +506,8 @@ def extend(
     state.settings = Settings(**chosen)
     module.register_forward_pre_hook(state.on_root_start)
     for sub in state.paths:
+        if isinstance(sub, _CURVED_IN_PLACE) and getattr(sub, "inplace", False):
+            sub.register_forward_pre_hook(state.on_in_place_activation)
         if sub is module or type(sub) in _UNRECORDED:
             continue
         sub.register_forward_pre_hook(state.on_enter)
@@ -517,6 +537,11 @@ _UNRECORDED = frozenset(
         nn.Flatten,
     }
 )
+
+
+# activations with a second derivative whose inplace=True version, applied to a view, hides it
+# from the engine (autograd wraps it in a CopySlices node)
+_CURVED_IN_PLACE = (nn.SiLU, nn.Mish, nn.Hardswish, nn.ELU, nn.SELU, nn.CELU)
 
 
 def is_extended(module: nn.Module) -> bool:

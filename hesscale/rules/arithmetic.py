@@ -13,6 +13,10 @@ When both factors are the same tensor (``x * x``) the product is a square, and t
 
 ``y = a / b``: ``ŝ_a = Σ_bcast ŝ_y / b²`` and
 ``ŝ_b = Σ_bcast [(a/b²)² ŝ_y + [second_order] (2a/b³) g_y]``.
+
+``addcmul(c, a, b, value=v) = c + v a ⊙ b`` and ``addcdiv(c, a, b, value=v) = c + v a / b``:
+``ŝ_c = Σ_bcast ŝ_y`` and the product's or quotient's rules scaled by ``v`` (``v²`` on ``ŝ``,
+``v`` on the second-order term).
 """
 
 from __future__ import annotations
@@ -76,3 +80,50 @@ def div_rule(ctx: NodeContext):
             s_b = term if s_b is None else s_b + term
         s_b = sum_to(s_b, input_shape(ctx, 1))
     return s_a, s_b
+
+
+def _other_edges(ctx: NodeContext) -> bool:
+    """Whether the two factors of a three-input node (``c, a, b``) are one tensor."""
+    (a, i), (b, j) = ctx.node.next_functions[1:3]
+    return a is not None and a is b and i == j
+
+
+@operation_rule("AddcmulBackward0")
+def addcmul_rule(ctx: NodeContext):
+    """``c + v a ⊙ b``."""
+    s, g = ctx.s, ctx.g
+    v = float(ctx.saved("value"))
+    s_c = sum_to(s, input_shape(ctx, 0)) if s is not None and ctx.needs[0] else None
+    a, b = ctx.saved("tensor1"), ctx.saved("tensor2")
+    if _other_edges(ctx):  # c + v a²
+        s_a = None if s is None else squared(a) * s * (4 * v * v)
+        if ctx.second_order and g is not None:
+            term = g * (2 * v)
+            s_a = term if s_a is None else s_a + term
+        return s_c, sum_to(s_a, input_shape(ctx, 1)) if s_a is not None else None, None
+    if s is None:
+        return s_c, None, None
+    s_a = sum_to(squared(b) * s * (v * v), input_shape(ctx, 1)) if ctx.needs[1] else None
+    s_b = sum_to(squared(a) * s * (v * v), input_shape(ctx, 2)) if ctx.needs[2] else None
+    return s_c, s_a, s_b
+
+
+@operation_rule("AddcdivBackward0")
+def addcdiv_rule(ctx: NodeContext):
+    """``c + v a / b``."""
+    s, g = ctx.s, ctx.g
+    v = float(ctx.saved("value"))
+    a, b = ctx.saved("tensor1"), ctx.saved("tensor2")
+    s_c = sum_to(s, input_shape(ctx, 0)) if s is not None and ctx.needs[0] else None
+    s_a = s_b = None
+    b_sq = squared(b)
+    if ctx.needs[1] and s is not None:
+        s_a = sum_to(s / b_sq * (v * v), input_shape(ctx, 1))
+    if ctx.needs[2]:
+        if s is not None:
+            s_b = squared(a / b_sq) * s * (v * v)
+        if ctx.second_order and g is not None:
+            term = 2 * v * a / (b_sq * b) * g
+            s_b = term if s_b is None else s_b + term
+        s_b = sum_to(s_b, input_shape(ctx, 2)) if s_b is not None else None
+    return s_c, s_a, s_b

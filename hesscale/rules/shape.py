@@ -13,6 +13,8 @@ to the curvature, ``ŝ_x = Jᵀ ŝ_y``. The autograd node computes exactly that 
 
 from __future__ import annotations
 
+import torch
+
 from ._registry import NodeContext, input_shape, operation_rule, sum_to
 
 SELECTIONS = (
@@ -20,8 +22,16 @@ SELECTIONS = (
     "AliasBackward0",
     "AsStridedBackward0",
     "AsStridedBackward1",  # as_strided_ (in place), e.g. global average pooling channels_last
+    "AdaptiveMaxPool2DBackward0",
+    "AdaptiveMaxPool3DBackward0",
     "CatBackward0",
     "CloneBackward0",
+    "CopyBackwards",  # copy_: the copied values pass, the overwritten ones are gone
+    "FillBackward0",
+    "FillBackward1",
+    "FillBackward2",
+    "FillBackward3",
+    "IndexPutBackward0",  # index_put_ of values: each element written or kept
     "ConstantPadNdBackward0",
     "DiagonalBackward0",
     "ExpandBackward0",
@@ -58,6 +68,7 @@ SELECTIONS = (
     "UnsafeViewBackward0",
     "UnsqueezeBackward0",
     "ViewBackward0",
+    "ZeroBackward0",
     "EmbeddingBackward0",
 )
 
@@ -95,6 +106,46 @@ def selection_rule(ctx: NodeContext):
             "Jacobian; use scale_grad_by_freq=False"
         )
     return transpose_of(ctx)
+
+
+@operation_rule("CopySlices")
+def copy_slices_rule(ctx: NodeContext):
+    """An in-place operation on a view (``x[:, :k].zero_()``, ``x[i] = y``, ``Dropout(
+    inplace=True)`` on a flattened view, ``x[..., a:b] += y``): the base passes outside the
+    view; inside, the operation's own backward, which autograd hides in the node. Its
+    Jacobian with respect to the base is probed: it must be diagonal (an element-wise
+    operation, a fill or a copy: ``(J∘J)ᵀ ŝ = d² ŝ`` with ``d`` the node's backward of ones),
+    and every other operand must enter with weights 0 or 1 (a copied or added tensor: ``J∘J =
+    J``); otherwise the operation is refused. The operation's second-order term cannot be seen
+    through the node: an in-place activation module that has one (SiLU, Mish, Hardswish, ELU on a
+    view) is refused when its forward pass runs, and a functional one is taken as linear."""
+    s = ctx.s
+    if s is None:
+        return (None,) * len(ctx.needs)
+    ones = torch.ones_like(s)
+    slopes = transpose_of(ctx, (ones,))
+    result = list(transpose_of(ctx, (s,)))
+    if ctx.needs[0] and slopes[0] is not None:
+        probe = torch.arange(s.numel(), dtype=s.dtype, device=s.device).remainder_(7).add_(1)
+        probe = probe.view(s.shape)  # distinct values, no random state touched
+        diagonal = torch.allclose(transpose_of(ctx, (probe,))[0], slopes[0] * probe)
+        if not diagonal:
+            raise NotImplementedError(
+                "an in-place operation on a view that mixes the view's elements (only "
+                "element-wise operations, fills and copies are supported): write it out of place"
+            )
+        result[0] = slopes[0] * slopes[0] * s
+    for k in range(1, len(result)):
+        weights = slopes[k]
+        if result[k] is None or weights is None:
+            continue
+        if not bool(((weights == weights.round()) & (weights >= 0)).all()):
+            raise NotImplementedError(
+                "an in-place operation on a view whose other operand enters with weights other "
+                "than 0 or 1 (x[...].sub_(y), .mul_(y), .div_(y) with y needing a gradient): "
+                "write it out of place"
+            )
+    return tuple(result)
 
 
 def _scaled(ctx: NodeContext, c: float):
