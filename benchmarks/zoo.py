@@ -274,9 +274,8 @@ def main(argv=None) -> dict:
     _atomic(out / "zoo.md", table(records) + "\n")
     print(json.dumps(counts, indent=1))
     for operation, models in sorted(refused.items(), key=lambda kv: -len(kv[1])):
-        print(
-            f"  {operation}: {len(models)} ({', '.join(models[:6])}{' …' if len(models) > 6 else ''})"
-        )
+        more = " …" if len(models) > 6 else ""
+        print(f"  {operation}: {len(models)} ({', '.join(models[:6])}{more})")
     return summary
 
 
