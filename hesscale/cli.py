@@ -2,7 +2,8 @@
 
 hesscale reproduce            Fig. 1 (approximation quality), then Fig. 2 (cost)
 hesscale reproduce fig1 [--out DIR] [--seeds N] [--examples N]
-                        [--architecture mlp|residual|gated|cnn|resnet|lm|transformer|gpt]
+                        [--architecture mlp|residual|gated|cnn|resnet|lm|transformer|gpt|
+                                        convnext|efficientnet|swin|lstm]
                         [--trained STEPS]
 hesscale reproduce fig2 [--out DIR] [--full] [--batch-size B] [--loss mse|ce]
                         [--include-forward] [--rounds R] [--device cpu|cuda]
@@ -216,10 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     group1.add_argument(
         "--architecture",
         default="mlp",
-        choices=["mlp", "residual", "gated", "cnn", "resnet", "lm", "transformer", "gpt"],
+        choices=[
+            "mlp",
+            "residual",
+            "gated",
+            "cnn",
+            "resnet",
+            "lm",
+            "transformer",
+            "gpt",
+            "convnext",
+            "efficientnet",
+            "swin",
+            "lstm",
+        ],
         help="the paper's MLP (default) or a graph of about the same size: residual MLP, gated "
         "(SwiGLU) MLP, residual CNN, ResNet with train-mode BatchNorm (each example a batch of "
-        "8), tiny LM with tied embeddings, pre-LN transformer encoder layer, one-block GPT",
+        "8), tiny LM with tied embeddings, pre-LN transformer encoder layer, one-block GPT; or a "
+        "zoo architecture at reduced width (torchvision's ConvNeXt, EfficientNet, Swin; an LSTM)",
     )
     group1.add_argument(
         "--trained",

@@ -99,6 +99,23 @@ def test_fig1_on_attention_networks_runs(tmp_path, architecture):
     assert summary["methods"]["diag(G)"]["mean_normalized"] > 1.0
 
 
+@pytest.mark.parametrize("architecture", ["convnext", "efficientnet", "swin", "lstm"])
+def test_fig1_on_zoo_architectures_runs(tmp_path, architecture):
+    """torchvision's ConvNeXt, EfficientNet and Swin classes at reduced width and an LSTM: every
+    estimate against the exact diagonal (torch.func, one example at a time where it cannot
+    batch the fused recurrent kernel)."""
+    if architecture != "lstm":
+        pytest.importorskip("torchvision")
+    summary = fig1.run(
+        tmp_path,
+        seeds=1,
+        examples=8 if architecture == "efficientnet" else 2,
+        architecture=architecture,
+    )
+    assert summary["methods"]["HesScale"]["normalized"] == [1.0]
+    assert all(value == value for entry in summary["methods"].values() for value in entry["total"])
+
+
 def test_fig1_on_graphs_reports_what_is_not_defined(tmp_path, capsys):
     out = tmp_path / "lm"
     main(

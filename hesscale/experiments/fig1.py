@@ -55,13 +55,17 @@ from .._progress import progress
 from .io import atomic_write_json, environment_record, read_json
 from .networks import (
     GatedMLP,
+    LSTMClassifier,
     ResidualCNN,
     ResidualTanhMLP,
     TinyLM,
     TinyResNet,
     TinyTransformer,
     fig1_network,
+    tiny_convnext,
+    tiny_efficientnet,
     tiny_gpt,
+    tiny_swin,
 )
 
 REFERENCE = "|diag(H)|"
@@ -90,6 +94,12 @@ def _vectors(generator, n, dtype):
 
 def _images(generator, n, dtype):
     return torch.randn(n, 1, 6, 6, generator=generator, dtype=dtype), torch.randint(
+        0, 10, (n,), generator=generator
+    )
+
+
+def _rgb(generator, n, dtype):
+    return torch.randn(n, 3, 8, 8, generator=generator, dtype=dtype), torch.randint(
         0, 10, (n,), generator=generator
     )
 
@@ -128,6 +138,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         TinyTransformer, _sequences, variants=("HesScale, exact attention",)
     ),
     "gpt": Architecture(tiny_gpt, _tokens, variants=("HesScale, exact attention",)),
+    # model zoos' architectures at reduced width (torchvision's own classes)
+    "convnext": Architecture(tiny_convnext, _rgb),
+    "efficientnet": Architecture(
+        tiny_efficientnet, _rgb, group=8, variants=("HesScale, per-layer BN",)
+    ),
+    "swin": Architecture(tiny_swin, _rgb, variants=("HesScale, exact attention",)),
+    "lstm": Architecture(LSTMClassifier, _sequences),
 }
 # label: the settings of hesscale.extend under which HesScale runs for that row
 VARIANTS: dict[str, dict] = {
@@ -171,13 +188,42 @@ def _chunked(fn: Callable, *args: Tensor) -> dict[str, Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _batched(fn: Callable, in_dims=0) -> Callable:
+    """``vmap(fn)``, or, where torch.func cannot batch an operation of the network (the fused
+    recurrent kernels), the same computation one example at a time."""
+    batched = vmap(fn, in_dims)
+
+    def run(*args):
+        try:
+            return batched(*args)
+        except (RuntimeError, NotImplementedError):
+            dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+            n = next(
+                (len(a) if torch.is_tensor(a) else len(next(iter(a.values()))))
+                for a, d in zip(args, dims)
+                if d is not None
+            )
+            rows = []
+            for i in range(n):
+                one = [
+                    a
+                    if d is None
+                    else (a[i] if torch.is_tensor(a) else {k: v[i] for k, v in a.items()})
+                    for a, d in zip(args, dims)
+                ]
+                rows.append(fn(*one))
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    return run
+
+
 def _per_group(diagonal_fn, model, loss_fn, x, y, group: int = 1) -> dict[str, Tensor]:
     """A reference diagonal of :mod:`hesscale.reference` for every group of examples."""
 
     def one(xg, yg):
         return diagonal_fn(model, loss_fn, xg, yg)
 
-    return _chunked(vmap(one), _groups(x, group), _groups(y, group))
+    return _chunked(_batched(one), _groups(x, group), _groups(y, group))
 
 
 def per_example_exact(model, loss_fn, x, y, group: int = 1) -> dict[str, Tensor]:
@@ -208,7 +254,7 @@ def per_example_hutchinson(
     parts = []
     for i in range(0, len(xs), CHUNK):
         sl = slice(i, i + CHUNK)
-        parts.append(vmap(one)(xs[sl], ys[sl], {n: z[sl] for n, z in probes.items()}))
+        parts.append(_batched(one)(xs[sl], ys[sl], {n: z[sl] for n, z in probes.items()}))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -216,7 +262,7 @@ def per_example_grad_sq(model, loss_fn, x, y, group: int = 1) -> dict[str, Tenso
     """``g_n ⊙ g_n`` with ``g_n`` each example's (or group's) gradient."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     loss = _loss_of_group(model, loss_fn)
-    grads = vmap(grad(loss), (None, 0, 0))(params, _groups(x, group), _groups(y, group))
+    grads = _batched(grad(loss), (None, 0, 0))(params, _groups(x, group), _groups(y, group))
     return {n: g * g for n, g in grads.items()}
 
 

@@ -268,3 +268,62 @@ class ResNet18(nn.Module):
     def forward(self, x):
         h = self.blocks(torch.relu(self.bn(self.stem(x))))
         return self.head(h.mean((2, 3)))
+
+
+def _torchvision_models():
+    """``torchvision.models`` (the zoo architectures of the Fig. 1 protocol need it)."""
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError("this architecture is torchvision's: pip install torchvision") from error
+    return torchvision.models
+
+
+def tiny_convnext() -> nn.Module:
+    """torchvision's ConvNeXt at width 8 → 16, one block per stage (depthwise 7×7 convolutions,
+    LayerNorm on channels-last features, GELU MLPs, layer scale), for 3×8×8 images."""
+    models = _torchvision_models()
+    from torchvision.models.convnext import CNBlockConfig
+
+    setting = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)]
+    return models.convnext.ConvNeXt(setting, stochastic_depth_prob=0.0, num_classes=10)
+
+
+def tiny_efficientnet() -> nn.Module:
+    """torchvision's EfficientNet with two MBConv blocks of width 8 (SiLU, squeeze-excite with a
+    sigmoid gate, train-mode BatchNorm; no dropout), for 3×8×8 images."""
+    models = _torchvision_models()
+    from torchvision.models.efficientnet import MBConvConfig
+
+    setting = [MBConvConfig(1, 3, 1, 8, 8, 1), MBConvConfig(2, 3, 2, 8, 8, 1)]
+    return models.efficientnet.EfficientNet(
+        setting, dropout=0.0, stochastic_depth_prob=0.0, num_classes=10, last_channel=16
+    )
+
+
+def tiny_swin() -> nn.Module:
+    """torchvision's Swin Transformer V1 at embedding width 8, one block per stage, 2×2
+    windows (shifted in the second block of a stage), for 3×8×8 images."""
+    models = _torchvision_models()
+    return models.swin_transformer.SwinTransformer(
+        patch_size=[2, 2],
+        embed_dim=8,
+        depths=[2],
+        num_heads=[2],
+        window_size=[2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )
+
+
+class LSTMClassifier(nn.Module):
+    """An ``nn.LSTM`` (width 8) over sequences of 4 vectors of 6 features, a linear head on the
+    last step."""
+
+    def __init__(self, inputs: int = 6, width: int = 8, outputs: int = 10):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(inputs, width, batch_first=True), nn.Linear(width, outputs)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
