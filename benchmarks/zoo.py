@@ -9,7 +9,7 @@ classifier is the model's last layer (for the mean cross-entropy of logits ``z =
 ``diag ∇²_W = (1/N) Σ_n p_n (1 − p_n) h_n²``, exact for HesScale), whether any estimate is not
 finite, and the time of the estimate over a plain forward+backward. torchvision: its 80-odd
 classification models up to ``--max-params``; timm: the first model of each of its modules
-(families). One JSON per model (written atomically; a rerun resumes), ``zoo.json`` and the
+(families) with the fewest parameters. One JSON per model (written atomically; a rerun resumes), ``zoo.json`` and the
 table ``zoo.md``.
 
     python benchmarks/zoo.py [--zoos torchvision timm] [--size 64] [--batch 2]
@@ -73,17 +73,36 @@ def catalogue(zoos, models_of, timm, max_params: float, only=None) -> list[tuple
         for module in sorted(timm.list_modules()):
             names = timm.list_models(module=module)
             if names:
-                entries.append(("timm", names[0]))
+                entries.append(("timm", _smallest(timm, names)))
     if only:
         entries = [e for e in entries if e[1] in only]
     return entries
 
 
+def _smallest(timm, names: list[str]) -> str:
+    """The model of a family with the fewest parameters (counted on the meta device)."""
+    sizes = {}
+    for name in names:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+            sizes[name] = sum(p.numel() for p in model.parameters())
+        except Exception:  # a model that does not build here
+            continue
+    return min(sizes, key=sizes.get) if sizes else names[0]
+
+
+# models whose auxiliary classifiers make their train-mode output a tuple: built without them
+_NO_AUX = {"googlenet", "inception_v3"}
+
+
 def build(zoo: str, name: str, models_of, timm) -> tuple[nn.Module, int]:
     """The model at random initialization and its default image size."""
     if zoo == "torchvision":
-        model = models_of.get_model(name, weights=None)
-        return model, 224
+        options = {"aux_logits": False, "init_weights": True} if name in _NO_AUX else {}
+        model = models_of.get_model(name, weights=None, **options)
+        size = 299 if name == "inception_v3" else 224
+        return model, size
     model = timm.create_model(name, pretrained=False)
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
     return model, size

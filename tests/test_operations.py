@@ -303,6 +303,14 @@ OPERATIONS = {
         lambda p: (p["a"] * 1.0).index_put_((torch.tensor([0, 2]),), p["b"]),
         {"a": (3, 4), "b": (2, 4)},
     ),
+    "amax": (lambda p: torch.amax(p["a"], dim=(1, 2)), {"a": (2, 3, 4)}),
+    "amin-keepdim": (lambda p: torch.amin(p["a"], dim=1, keepdim=True), {"a": (3, 4)}),
+    "amax-tied": (  # each element tied with a constant copy: autograd gives it 1/2
+        lambda p: torch.stack([p["a"], p["a"].detach()]).amax(0),
+        {"a": (3, 4)},
+    ),
+    "max-over-a-dimension": (lambda p: p["a"].max(1)[0], {"a": (3, 4)}),
+    "min-over-all": (lambda p: p["a"].min(), {"a": (3, 4)}),
     "adaptive-max-pool2d": (
         lambda p: F.adaptive_max_pool2d(p["a"], (2, 3)),
         {"a": (2, 2, 5, 5)},

@@ -75,3 +75,34 @@ def adaptive_avg_pool_rule(ctx: NodeContext):
         shape[dim] = n_out
         inverse = inverse / sizes.view(shape)
     return transpose_of(ctx, (s * inverse,))
+
+
+def _reduced_like(t: Tensor, x: Tensor, dim, keepdim: bool) -> Tensor:
+    """A reduction's output ``t`` with the reduced dimensions back (size 1), to broadcast."""
+    if keepdim or t.dim() == x.dim():
+        return t
+    dims = range(x.dim()) if dim is None or len(dim) == 0 else sorted(d % x.dim() for d in dim)
+    for d in dims:
+        t = t.unsqueeze(d)
+    return t
+
+
+@operation_rule("AmaxBackward0", "AminBackward0", "MaxBackward1", "MinBackward1")
+def extremum_rule(ctx: NodeContext):
+    """``y = max`` (or ``min``) over dimensions, gradients shared evenly among the ``k`` tied
+    maxima as autograd shares them: ``J`` holds ``1/k`` there, so ``ŝ_x = ŝ_y / k²`` on the ties
+    (one arg-max: a selection)."""
+    s = ctx.s
+    if s is None or not ctx.needs[0]:
+        return (None,)
+    x, y = ctx.saved("self"), ctx.saved("result")
+    named = type(ctx.node).__name__ in ("AmaxBackward0", "AminBackward0")
+    dim = ctx.saved("dim") if named else None
+    keepdim = bool(ctx.saved("keepdim")) if named else False
+    y = _reduced_like(y, x, dim, keepdim)
+    s = _reduced_like(s, x, dim, keepdim)
+    ties = (x == y).to(s.dtype)
+    count = ties.sum(
+        dim=tuple(range(x.dim())) if not named or not dim else tuple(dim), keepdim=True
+    )
+    return (ties * s / (count * count),)

@@ -42,6 +42,8 @@ SELECTIONS = (
     "IndexBackward0",
     "IndexSelectBackward0",
     "MaskedFillBackward0",
+    "MaxBackward0",  # max over a dimension: the saved index of each maximum
+    "MinBackward0",
     "MaxPool2DWithIndicesBackward0",
     "MaxPool3DWithIndicesBackward0",
     "PermuteBackward0",
