@@ -8,9 +8,9 @@ run), the classifier's largest relative error against its exact Hessian diagonal
 classifier is the model's last layer (for the mean cross-entropy of logits ``z = W h + b``,
 ``diag ∇²_W = (1/N) Σ_n p_n (1 − p_n) h_n²``, exact for HesScale), whether any estimate is not
 finite, and the time of the estimate over a plain forward+backward. torchvision: its 80-odd
-classification models up to ``--max-params``; timm: the first model of each of its modules
-(families) with the fewest parameters. One JSON per model (written atomically; a rerun resumes), ``zoo.json`` and the
-table ``zoo.md``.
+classification models up to ``--max-params``; timm: the model with the fewest parameters of each
+of its modules (families). One JSON per model (written atomically; a rerun resumes),
+``zoo.json`` and the table ``zoo.md``.
 
     python benchmarks/zoo.py [--zoos torchvision timm] [--size 64] [--batch 2]
         [--out results/zoo] [--models resnet18 convnext_tiny ...] [--max-params 150e6]

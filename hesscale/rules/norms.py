@@ -2,7 +2,7 @@
 ``Tensor.norm``, ``F.normalize``'s denominator; ConvNeXt-V2's GRN, cross-covariance attention).
 
 Each output is a function of its own slice of ``x``, so the rule is exact given a diagonal
-``ŝ_y``. With ``|x|^p`` summed to ``y^p`` over the slice,
+``ŝ_y``. With ``|x|^p`` summed to ``y^p`` over the slice::
 
     ∂y/∂x_i = sign(x_i) |x_i|^{p−1} / y^{p−1},
     ∂²y/∂x_i² = (p − 1) |x_i|^{p−2} / y^{p−1} · (1 − |x_i|^p / y^p),

@@ -15,7 +15,7 @@ same whichever kernel ran. (The form matters where a value feeds several operati
 GRU writes ``h' = (h − n) ⊙ z + n``, so ``n`` feeds two, and the cross term between them is
 dropped; ``(1 − z) ⊙ n + z ⊙ h`` would keep it. The rule follows PyTorch's.)
 Dropout between layers inside the kernel (``dropout > 0`` in train mode) cannot be recomputed
-and is refused by name.
+and is refused by name. The cells::
 
     RNN:   h' = act(W_ih x + b_ih + W_hh h + b_hh)
     GRU:   r = σ(W_ir x + b_ir + W_hr h + b_hr),  z = σ(…),
