@@ -19,7 +19,7 @@ from ..rules.normalization import batch_statistics  # noqa: F401
 from ._apply import _as, _meta_tensor, _on_monte_carlo, _on_node, new_exec_group
 from ._nested import Recompute, backpropagate_through, is_reentrant_checkpoint
 from ._record import _LAYER_TAG, _MARK_NODE, _OUTPUT_TAG, _Forward, _LayerCall, _plain
-from ._store import _REQUEST, PassEstimates, refuse_missing
+from ._store import _REQUEST, PassEstimates, leaf_of, owner_of, refuse_missing
 
 _pass_ids = itertools.count(1)
 last_pass_id = 0
@@ -185,6 +185,9 @@ class _Pass:
                 "one backward pass runs one variant of each rule, but the models of its "
                 f"forward passes were extended with different settings {sorted(map(str, settings))}"
             )
+        for state in {id(f.state): f.state for f in forwards.values()}.values():
+            if state.sharding is not None:  # stand-ins made by this forward get their records
+                state.sharding.refresh()
         pass_ = cls(list(forwards.values()))
         pass_.retain = retain
         if inputs is not None:
@@ -204,6 +207,7 @@ class _Pass:
         return pass_
 
     def _estimated(self, p: Tensor) -> bool:
+        p = owner_of(p)  # a sharded parameter's stand-in is estimated as the parameter is
         if self.only is not None and id(p) not in self.only:
             return False
         if getattr(p, _REQUEST, None) == self.method.name:
@@ -402,10 +406,11 @@ class _Pass:
         if call.targets is None:
             module = call.module
             named = module._parameters.items() if not module._modules else module.named_parameters()
+            # the graph's leaves: a sharded module holds its sharded parameters between
+            # forward and backward, the graph their unsharded stand-ins
+            named = ((name, leaf_of(p)) for name, p in named if p is not None)
             call.targets = {
-                name: p if p.requires_grad and self._estimated(p) else None
-                for name, p in named
-                if p is not None
+                name: p if p.requires_grad and self._estimated(p) else None for name, p in named
             }
             call.params = [p for p in call.targets.values() if p is not None]
         return call.params

@@ -4,6 +4,7 @@ graph, and the network outputs it marks (see :mod:`hesscale.engine`)."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from .._errors import UnsupportedModuleError
 from .._methods import METHODS, Method
 from ..baselines import sample_hessian_factor
 from ..rules import layer_rule_for
-from ..rules._registry import LayerContext, Rule, Settings
+from ..rules._registry import LayerContext, Rule, Settings, module_class
 from ..rules.losses import bind_loss_arguments, check_loss, is_loss
 from ._apply import autocast_dtype
 from ._store import _REQUEST
@@ -219,9 +220,8 @@ class _ModelState:
             if rule is not None:
                 self.layers[module] = rule
                 inside_layer.append(path)
-        self.params = [p for p in model.parameters()]
-        self.param_set = set(self.params)
         self.model = weakref.ref(model)  # for names in messages (a model refers to its state)
+        self._collect_parameters(model)
         self.workspaces: dict[nn.Module, dict] = {}
         self.settings = Settings()
         self.scratch: dict = {}  # temporaries of the rules (rules._registry.scratch_buffer)
@@ -229,6 +229,27 @@ class _ModelState:
         self.options = _Options()
         self.current: _Forward | None = None
         self.last_monte_carlo: weakref.ref | None = None
+
+    def _collect_parameters(self, model: nn.Module) -> None:
+        """The model's parameters, and the adapter of those sharded by FSDP2 (None if none).
+        ``fully_shard`` replaces the parameters and the root's class, so a model extended
+        before it is sharded collects them again in its first forward pass after."""
+        self.root_class = type(model)
+        self.params = [p for p in model.parameters()]
+        self.param_set = set(self.params)
+        self.sharding = None
+        if "torch.distributed.fsdp" in sys.modules:  # no FSDP unless its module was imported
+            from ..fsdp import sharding_of
+
+            self.sharding = sharding_of(model)
+
+    def compute_dtype(self, first: Tensor | None) -> torch.dtype | None:
+        """The dtype of the curvature pass: the parameters' (``first``'s), or the dtype FSDP's
+        mixed precision all-gathers them in (the forward's, as under autocast)."""
+        if first is None:
+            return None
+        sharded = self.sharding.compute_dtype if self.sharding is not None else None
+        return sharded or first.dtype
 
     def parameter_names(self) -> dict[int, str]:
         """``{id(p): name}`` of the model's parameters."""
@@ -258,6 +279,8 @@ class _ModelState:
             )
 
     def on_root_start(self, model, args):
+        if type(model) is not self.root_class:  # fully_shard after extend
+            self._collect_parameters(model)
         previous = self.last_monte_carlo() if self.last_monte_carlo is not None else None
         if previous is not None:  # its graph-attached outputs form a cycle until released
             previous.release()
@@ -274,7 +297,7 @@ class _ModelState:
             method=method,
             options=self.options,
             forced=self.forced is not None,
-            dtype=first.dtype if first is not None else None,
+            dtype=self.compute_dtype(first),
             device=device,
             autocast=autocast_dtype(device),
         )
@@ -508,7 +531,7 @@ def extend(
     for sub in state.paths:
         if isinstance(sub, _CURVED_IN_PLACE) and getattr(sub, "inplace", False):
             sub.register_forward_pre_hook(state.on_in_place_activation)
-        if sub is module or type(sub) in _UNRECORDED:
+        if sub is module or module_class(sub) in _UNRECORDED:
             continue
         sub.register_forward_pre_hook(state.on_enter)
         sub.register_forward_hook(state.on_layer if sub in state.layers else state.on_exit)

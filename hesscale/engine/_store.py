@@ -10,6 +10,14 @@ optimizer step has consumed the estimate (:func:`consume`). Otherwise it *writes
 gradient accumulation (``(loss / k).backward()`` over k micro-batches, then one step) gives the
 estimate of the sum, as ``.grad`` holds the gradient of the sum, and ``zero_grad`` between steps
 needs no counterpart. Per-example estimates (``individual=True``) never accumulate.
+
+**Sharded parameters.** Under FSDP2 (``fully_shard``) the graph's leaves are unsharded
+stand-ins of the model's sharded parameters. A stand-in carries a record (:data:`SHARDED`) of
+the adapter that owns it (:mod:`hesscale.fsdp`): its estimate is handed to that adapter as soon as
+it is complete (:meth:`PassEstimates.plan` lists it as announced), never kept on the stand-in;
+the adapter reduce-scatters it and writes the sharded parameter's estimate through
+:meth:`PassEstimates.write_sharded`, which follows the rule above with the sharded parameter's
+own gradient.
 """
 
 from __future__ import annotations
@@ -29,6 +37,22 @@ _ESTIMATE_HOOKS = "_hess_diag_hooks"
 _LAST_GRAD = "_hess_diag_grad"  # (weakref to p.grad, its version) after the last writing pass
 _CONSUMED = "_hess_diag_consumed"
 ESTIMATE_ATTRIBUTE = "hess_diag"
+SHARDED = "_hess_diag_sharded"  # a sharded parameter and its stand-in: their adapter's record
+
+
+def owner_of(p: Tensor) -> Tensor:
+    """The model's parameter whose estimate ``p`` (a graph leaf) gives: ``p`` itself, or, for
+    the unsharded stand-in of a sharded parameter, the sharded parameter."""
+    record = getattr(p, SHARDED, None)
+    return p if record is None else record.owner
+
+
+def leaf_of(p: Tensor) -> Tensor:
+    """The graph leaf that stands for the model's parameter ``p`` (``p`` unless it is sharded
+    and its unsharded stand-in exists)."""
+    record = getattr(p, SHARDED, None)
+    leaf = None if record is None else record.leaf
+    return p if leaf is None else leaf
 
 
 def request(params, method: str | None) -> None:
@@ -126,6 +150,7 @@ class PassEstimates:
         self.before: dict[int, tuple] = {}  # requested p -> (p, its gradient, version) before
         self.written: set[int] = set()
         self.scale: Tensor | None = None  # the backpropagated value's loss scale
+        self.shardings: list = []  # the adapters of the sharded parameters the pass estimates
 
     @property
     def factor(self) -> Tensor | None:
@@ -142,8 +167,20 @@ class PassEstimates:
         """Before autograd runs: the parameters the pass estimates and those requested."""
         individual, carry, before = self.options.individual, self.carry, self.before
         for key, p in used.items():  # a nested pass (a reentrant checkpoint) adds its own
-            if key not in carry:
+            if key in carry:
+                continue
+            record = getattr(p, SHARDED, None)
+            if record is None:
                 carry[key] = not individual and accumulates(p)
+                continue
+            carry[key] = True  # kept beyond its rule (no reused buffer), never on the stand-in
+            self.announced.add(key)
+            owner = record.owner
+            carry[id(owner)] = not individual and accumulates(owner)
+            if record.sharding not in self.shardings:
+                self.shardings.append(record.sharding)
+        for sharding in self.shardings:
+            sharding.begin(self, requested)
         if self.options.announce:
             self.announced |= {key for key, p in used.items() if getattr(p, _ESTIMATE_HOOKS, None)}
         for p in requested:
@@ -178,6 +215,29 @@ class PassEstimates:
         if estimate.requires_grad:
             estimate = estimate.detach()
         key = id(p)
+        record = getattr(p, SHARDED, None)
+        if record is not None and record.leaf is p:  # a stand-in: to its adapter
+            record.sharding.deliver(record, estimate)
+            self.written.add(key)
+            return
+        self._keep(p, estimate)
+
+    def write_sharded(self, p: Tensor, estimate: Tensor) -> None:
+        """Write a sharded parameter's estimate, reduce-scattered by its adapter as the pass
+        ends, by the accumulation rule (with the sharded parameter's gradient)."""
+        self._keep(p, estimate)
+
+    def flush(self, params) -> None:
+        """Write now what uses of ``params`` have sent (the rest of their uses got no
+        gradient): their adapter's collective is about to start."""
+        for p in params:
+            pending = self.sums.pop(id(p), None)
+            if pending is not None:
+                self._write(*pending)
+
+    def _keep(self, p: Tensor, estimate: Tensor) -> None:
+        """Write or add ``estimate`` to ``p.hess_diag`` by the accumulation rule."""
+        key = id(p)
         if self.options.collect is not None:
             self.options.collect[key] = estimate
         scale = self.scale
@@ -202,10 +262,13 @@ class PassEstimates:
         gradient changed without an estimate; their estimates are made invalid. After a failed
         backward pass nothing is written."""
         sums, self.sums = self.sums, {}
+        if not failed:
+            for p, estimate in sums.values():  # all but announced ones, and uses never reached
+                self._write(p, estimate)
+        for sharding in self.shardings:  # their collectives end; sharded estimates written
+            sharding.end(self, failed)
         if failed:
             return []
-        for p, estimate in sums.values():  # all but announced ones, and uses never reached
-            self._write(p, estimate)
         missing = []
         for key, (p, grad, version) in self.before.items():
             now = p.grad
@@ -215,8 +278,7 @@ class PassEstimates:
                 continue
             if now is not None and (now is not grad or now._version != version):
                 missing.append(p)
-                setattr(p, _ESTIMATE_ID, None)
-                setattr(p, _LAST_GRAD, None)
+                invalidate(p)
         return missing
 
 
@@ -233,6 +295,12 @@ def refuse_missing(missing: list[Tensor], names: dict[int, str]) -> None:
             "torch.utils.checkpoint with use_reentrant=True, or a parameter used outside the "
             "extended model's forward)."
         )
+
+
+def invalidate(param: Tensor) -> None:
+    """Leave ``param`` without a valid estimate: no optimizer step may use it."""
+    setattr(param, _ESTIMATE_ID, None)
+    setattr(param, _LAST_GRAD, None)
 
 
 def estimate_id(param: Tensor) -> int | None:

@@ -11,6 +11,7 @@ from .._floating import flush_denormals
 from ..engine import ESTIMATE_ATTRIBUTE, consume, estimate_id, loss_scale, request
 from ._distributed import EstimateReducer
 from ._functional import NormBound, apply_updates, check_updates, curvature_adam, step_scale
+from ._sharded import is_sharded, local, rank_sums
 
 
 def _check(condition: bool, message: str) -> None:
@@ -131,9 +132,25 @@ class CurvatureAdam(Optimizer):
         self._reducers: dict[int, EstimateReducer] = {}
         for group in self.param_groups:
             self._request(group, self._wants_estimate(group))
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._initialize(p)
         if self._averages_across_ranks():  # hooks in place before the first backward pass
             for index in range(len(self.param_groups)):
                 self._reducer(index)
+
+    def _initialize(self, p: Tensor) -> None:
+        """``p``'s state: zero moments (sharded like ``p`` under FSDP) and step counts.
+
+        Made when the optimizer is, not at its first step: ``torch.distributed.checkpoint``
+        loads into an optimizer's existing state (otherwise it runs a step with zero gradients
+        to create it, which finds no curvature estimate)."""
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            state["curvature_step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     # --- what the next backward pass must compute ----------------------------------------
     def _wants_estimate(self, group) -> bool:
@@ -149,6 +166,9 @@ class CurvatureAdam(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_consumed"):
             self._request(self.param_groups[-1], True)
+            for p in self.param_groups[-1]["params"]:
+                if p.requires_grad:
+                    self._initialize(p)
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
@@ -204,25 +224,31 @@ class CurvatureAdam(Optimizer):
             unscaled.append(estimate / scale)
         return grads, unscaled
 
-    def _write(self, pending) -> None:
-        """Scale (one quadratic term over every parameter that scales), guard, then write."""
+    def _write(self, pending, params: list[Tensor]) -> None:
+        """Scale (one quadratic term over every parameter that scales), guard, then write.
+        ``params``: the parameters of ``pending``'s updates (sharded ones: their sums run over
+        all ranks)."""
         directions = [d for _, _, d in pending]
-        scaling = [d for (index, _, d) in pending if self.param_groups[index]["delta"] is not None]
+        scaled = [self.param_groups[index]["delta"] is not None for index, _, _ in pending]
+        scaling = [d for d, s in zip(directions, scaled) if s]
+        scaling_sums = rank_sums([p for p, s in zip(params, scaled) if s])
         factors = {}
         for index, group in enumerate(self.param_groups):
             if group["delta"] is not None and scaling:
-                factors[index] = step_scale(scaling, group["delta"], group["max_scale"])
+                factors[index] = step_scale(
+                    scaling, group["delta"], group["max_scale"], scaling_sums
+                )
         scales = [factors.get(index, 1.0) for index, _, _ in pending]
         if self.guard:
 
             def where(k):
-                index, i, d = pending[k]
+                index, i, _ = pending[k]
                 return (
-                    f"parameter {i} of parameter group {index} (shape {tuple(d.param.shape)}) "
+                    f"parameter {i} of parameter group {index} (shape {tuple(params[k].shape)}) "
                     f"of {type(self).__name__}"
                 )
 
-            check_updates(directions, scales, where, self._norm_bound)
+            check_updates(directions, scales, where, self._norm_bound, rank_sums(params))
         apply_updates(directions, scales)
 
     def _update_options(self, group) -> dict:
@@ -233,10 +259,12 @@ class CurvatureAdam(Optimizer):
         """Hook for estimators computed in ``step`` rather than in the backward pass."""
 
     def _reducer(self, index: int) -> EstimateReducer:
-        """The (lazily made) reducer of parameter group ``index``."""
+        """The (lazily made) reducer of parameter group ``index``'s replicated parameters
+        (FSDP's sharded ones arrive averaged, :mod:`hesscale.fsdp`)."""
         if index not in self._reducers:
+            replicated = [p for p in self.param_groups[index]["params"] if not is_sharded(p)]
             self._reducers[index] = EstimateReducer(
-                self.param_groups[index]["params"], self.bucket_cap_mb, self.process_group
+                replicated, self.bucket_cap_mb, self.process_group
             )
         return self._reducers[index]
 
@@ -263,6 +291,7 @@ class CurvatureAdam(Optimizer):
         self._prepare_estimates()
         grad_scale = getattr(self, "grad_scale", None)
         pending = []  # (group index, position in group, Direction)
+        stepped = []  # the parameter of each
         for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -270,32 +299,39 @@ class CurvatureAdam(Optimizer):
             for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["curvature_step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self._initialize(p)
             update_curvature = self._wants_estimate(group)
             estimates = self._estimates(group, params) if update_curvature else [None] * len(params)
             grads = [p.grad.detach() for p in params]
             if update_curvature and self._averages_across_ranks():
-                estimates = self._reducer(index).reduce(params, estimates)
+                replicated = [i for i, p in enumerate(params) if not is_sharded(p)]
+                if replicated:
+                    averaged = self._reducer(index).reduce(
+                        [params[i] for i in replicated], [estimates[i] for i in replicated]
+                    )
+                    for i, estimate in zip(replicated, averaged):
+                        estimates[i] = estimate
+            originals = params
+            if any(is_sharded(p) for p in params):  # each rank updates its shards
+                params = [local(p) for p in params]
+                grads = [local(g) for g in grads]
+                estimates = [local(e) for e in estimates]
             if found_inf is not None:  # under a GradScaler: remove the loss scale
                 grads, estimates = self._unscale(params, grads, estimates, grad_scale)
-            for p in params:
-                self.state[p]["step"] += 1
+            states = [self.state[p] for p in originals]
+            for state in states:
+                state["step"] += 1
                 if update_curvature:
-                    self.state[p]["curvature_step"] += 1
+                    state["curvature_step"] += 1
             beta1, beta2 = group["betas"]
             directions = curvature_adam(
                 params,
                 grads,
                 estimates,
-                [self.state[p]["exp_avg"] for p in params],
-                [self.state[p]["exp_avg_sq"] for p in params],
-                [self.state[p]["step"] for p in params],
-                [self.state[p]["curvature_step"] for p in params],
+                [local(state["exp_avg"]) for state in states],
+                [local(state["exp_avg_sq"]) for state in states],
+                [state["step"] for state in states],
+                [state["curvature_step"] for state in states],
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -310,5 +346,6 @@ class CurvatureAdam(Optimizer):
                 **self._update_options(group),
             )
             pending += [(index, i, d) for i, d in enumerate(directions)]
+            stepped += originals
             self._request(group, self._wants_estimate(group))
-        self._write(pending)
+        self._write(pending, stepped)

@@ -148,14 +148,16 @@ def curvature_adam(
     return directions
 
 
-def step_scale(directions: list[Direction], delta: float, max_scale: float) -> float:
+def step_scale(directions: list[Direction], delta: float, max_scale: float, across=None) -> float:
     """``min(max_scale, √(2δ / T))`` with ``T = Σ d ⊙ u²`` over ``directions`` (one pass over
-    each parameter and one synchronisation)."""
+    each parameter and one synchronisation). ``across`` adds up per-parameter partial sums
+    over the ranks of sharded parameters (:class:`hesscale.optim._sharded.RankSums`)."""
     terms = []
     for d in directions:  # Σ (r ⊙ d) ⊙ r, in any memory layout (channels_last weights)
         ratio = d.ratio()
         terms.append((ratio * d.curvature).mul_(ratio).sum() * d.step_size**2)
-    total = float(torch.stack([t.to(terms[0].device, torch.float64) for t in terms]).sum())
+    terms = torch.stack([t.to(terms[0].device, torch.float64) for t in terms])
+    total = float((terms if across is None else across(terms)).sum())
     if not math.isfinite(total):
         return max_scale  # the guard reports the update itself
     return max_scale if total <= 0 else min(max_scale, math.sqrt(2 * delta / total))
@@ -178,17 +180,28 @@ def _norms(tensors: list[Tensor]) -> Tensor:
 
 
 def check_updates(
-    directions: list[Direction], scales: list[float], where, bound: NormBound | None = None
+    directions: list[Direction],
+    scales: list[float],
+    where,
+    bound: NormBound | None = None,
+    across=None,
 ) -> None:
     """The guard: raise :class:`UpdateError` for a non-finite or exploding update, before any
     parameter is written. ``where(i)`` describes parameter ``i`` for the message. Costs the
     update's norm (one pass over it) per step; the parameters' norm is read only when
     ``bound`` (kept by the optimizer, updated here as if the step were written) cannot clear
-    the update."""
+    the update. ``across`` adds up the squared norms of sharded parameters over the ranks (so
+    every rank decides alike)."""
     if not directions:
         return
+
+    def total(values: Tensor) -> Tensor:
+        return values if across is None else across(values)
+
     factors = torch.tensor([d.step_size * s for d, s in zip(directions, scales)])
-    update_sq = (_norms([d.ratio() for d in directions]) * factors.to(torch.float64)).square()
+    update_sq = total(
+        (_norms([d.ratio() for d in directions]) * factors.to(torch.float64)).square()
+    )
     bad = ~torch.isfinite(update_sq)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
@@ -201,7 +214,7 @@ def check_updates(
             or bound.age >= bound.refresh
             or total_update > (BLOW_UP * bound.value) ** 2
         ):
-            param_sq = _norms([d.param for d in directions]).square()
+            param_sq = total(_norms([d.param for d in directions]).square())
             total_param = float(param_sq.sum())
             if bound is not None:
                 bound.value, bound.age = total_param**0.5, 0

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ._base import CurvatureAdam
+from ._sharded import is_sharded
 
 
 class Adam(CurvatureAdam):
@@ -111,6 +112,12 @@ def hutchinson_products(
     """One Rademacher probe for all parameters at once: ``z ⊙ Hz`` from the gradients' graph;
     ``spatial_average`` averages ``|z ⊙ Hz|`` over the spatial dimensions of convolution
     kernels (AdaHessian)."""
+    if any(is_sharded(p) for p in params):
+        raise RuntimeError(
+            f"{who} with Hutchinson's estimate differentiates the gradient again, which a model "
+            "sharded with FSDP2 (fully_shard) does not support: use an estimate of the backward "
+            "pass (AdaHesScale, AdaHesScaleGN, or Sophia with estimator='hesscale_gn')"
+        )
     if any(p.grad.grad_fn is None for p in params):
         raise RuntimeError(
             f"{who} with Hutchinson's estimate differentiates the gradient: call "

@@ -311,9 +311,21 @@ def supported_operations() -> list[str]:
     return sorted(n for n in names if not n.startswith("_"))  # not the engine's own marker
 
 
+def module_class(module: nn.Module) -> type:
+    """The class whose ``forward`` the module runs: its own, except that FSDP2's
+    ``fully_shard`` replaces a module's class by a subclass ``FSDP<Name>(FSDPModule, Name)``
+    that only adds sharding, for which this is ``Name``."""
+    cls = type(module)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule":
+        if bases[0].__module__.startswith("torch.distributed.fsdp"):
+            return bases[1]
+    return cls
+
+
 def layer_rule_for(module: nn.Module, path: str) -> Rule | None:
     """The layer rule of ``module`` (None if it has none); raises on a refused configuration."""
-    rule = _LAYER_RULES.get(type(module))
+    rule = _LAYER_RULES.get(module_class(module))
     for recognize in _RECOGNIZERS if rule is None else ():
         rule = recognize(module)
         if rule is not None:
