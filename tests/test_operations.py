@@ -197,6 +197,18 @@ OPERATIONS = {
         lambda p: torch.cat([F.pad(q, (1, 2)) for q in p["a"].unbind(0)]),
         {"a": (2, 3)},
     ),
+    "reflect-replicate-pad": (  # border entries copied into several outputs (TResNet)
+        lambda p: torch.cat(
+            [
+                F.pad(p["a"], (2, 1), mode="reflect").flatten(),
+                F.pad(p["b"], (1, 2, 2, 1), mode="reflect").flatten(),
+                F.pad(p["b"], (2, 1, 1, 2), mode="replicate").flatten(),
+                F.pad(p["c"], (1, 1, 1, 0, 0, 1), mode="replicate").flatten(),
+                F.pad(p["c"], (1, 1, 1, 1, 1, 1), mode="reflect").flatten(),
+            ]
+        ),
+        {"a": (2, 2, 4), "b": (1, 2, 3, 4), "c": (1, 1, 2, 3, 3)},
+    ),
     "flip-roll-repeat": (
         lambda p: torch.cat(
             [p["a"].flip(1).flatten(), p["a"].roll(1, 0).flatten(), p["a"].repeat(2, 1).flatten()]

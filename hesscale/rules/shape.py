@@ -47,6 +47,12 @@ SELECTIONS = (
     "MaxPool2DWithIndicesBackward0",
     "MaxPool3DWithIndicesBackward0",
     "PermuteBackward0",
+    "ReflectionPad1DBackward0",  # padding by reflection or replication: copies of entries
+    "ReflectionPad2DBackward0",
+    "ReflectionPad3DBackward0",
+    "ReplicationPad1DBackward0",
+    "ReplicationPad2DBackward0",
+    "ReplicationPad3DBackward0",
     "RepeatBackward0",
     "ReshapeAliasBackward0",
     "RollBackward0",
