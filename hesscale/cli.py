@@ -79,7 +79,12 @@ def _train(args) -> None:
         accumulate=args.accumulate,
     )
     record = train(
-        config, args.out, data_dir=args.data_dir, download=args.download, device=args.device
+        config,
+        args.out,
+        data_dir=args.data_dir,
+        download=args.download,
+        device=args.device,
+        fsdp=args.fsdp,
     )
     curves = record["curves"]
     print(
@@ -280,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="micro-batches per step (gradient accumulation: the step of the whole batch)",
+    )
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model over the processes with FSDP2 (fully_shard) "
+        "instead of replicating it with DistributedDataParallel",
     )
     train.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
     train.add_argument(

@@ -447,3 +447,72 @@ def test_sharded_training_guard_precision_resume_and_refusals(tmp_path):
         assert "individual=True" in refused["individual"]
         assert "fully_shard" in refused["adahessian"]
         assert "HSDP" in refused["hsdp"]
+
+
+def _train_worker(rank, world, port, out, splits):
+    """``torchrun --nproc-per-node 2 hesscale train --fsdp``, killed on every rank after the
+    second epoch (before its checkpoint), then run again: it resumes from the first's."""
+    import json
+
+    from hesscale.experiments import train as train_module
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    config = train_module.RunConfig(
+        problem="fmnist_mlp", optimizer="adahesscalegn", lr=1e-3, epochs=3, batch_size=16
+    )
+    original, calls = train_module._state_dicts, []
+
+    def dying(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    train_module._state_dicts = dying
+    try:
+        train_module.train(config, out, splits, show_progress=False, fsdp=True)
+    except KeyboardInterrupt:
+        pass
+    train_module._state_dicts = original
+    resumed_from = torch.load(out / f"{config.name()}.ckpt", weights_only=True)["epoch"]
+    record = train_module.train(config, out, splits, show_progress=False, fsdp=True)
+    (out / f"summary.{rank}.json").write_text(
+        json.dumps({"resumed_from": resumed_from, "sharded": record["sharded"]})
+    )
+    _exit_worker()
+
+
+def test_train_fsdp_resumes_and_follows_one_process(tmp_path):
+    """What `torchrun --nproc-per-node 2 hesscale train --fsdp ...` does, with gloo on CPU."""
+    import json
+
+    from hesscale.experiments.train import RunConfig, train
+
+    from .test_training import _splits
+
+    splits = _splits()
+    out = tmp_path / "fsdp"
+    mp.spawn(_train_worker, args=(2, _free_port(), out, splits), nprocs=2, join=True)
+    config = RunConfig(
+        problem="fmnist_mlp", optimizer="adahesscalegn", lr=1e-3, epochs=3, batch_size=16
+    )
+    single = train(config, tmp_path / "single", splits, show_progress=False)
+    sharded = json.loads((out / f"{config.name()}.json").read_text())
+    for rank in range(2):
+        summary = json.loads((out / f"summary.{rank}.json").read_text())
+        assert summary == {"resumed_from": 1, "sharded": True}
+    assert sharded["processes"] == 2 and sharded["status"] == "finished"
+    for key in ("train_eval_loss", "valid_loss", "test_loss"):  # float32: rounding differs
+        torch.testing.assert_close(
+            torch.tensor(sharded["curves"][key]),
+            torch.tensor(single["curves"][key]),
+            rtol=1e-3,
+            atol=1e-4,
+        )

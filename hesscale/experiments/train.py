@@ -3,6 +3,12 @@
 Under ``torchrun --nproc-per-node N`` the run is data-parallel: every rank takes its share of
 each batch (the global batch size stays the problem's), DistributedDataParallel averages the
 gradients and the optimizers average their curvature estimates; rank 0 evaluates and writes.
+With ``fsdp=True`` (``hesscale train --fsdp``) the model is sharded with FSDP2 instead
+(``fully_shard`` on every child module with parameters, then the root; :mod:`hesscale.fsdp`):
+every rank holds ``1/N`` of the weights, gradients, estimates and optimizer state, every rank
+evaluates (a sharded forward pass is collective) and rank 0 writes; checkpoints hold the full
+state dicts (``torch.distributed.checkpoint.state_dict``), so a run resumes on any number of
+processes.
 
 A run evaluates loss and accuracy on the train-eval, validation and test sets before training
 and after every epoch, and records the cumulative training time (evaluation excluded). It stops
@@ -94,6 +100,65 @@ def _accumulated_backward(net, loss_fn, x, y, micro_batches: int, create_graph: 
                 warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
                 loss.backward(create_graph=create_graph)
     return total
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """``fully_shard`` every child module that has parameters, then the root (FSDP2 over all
+    ranks of the default process group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _state_dicts(model: nn.Module, opt, sharded: bool) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts; of a sharded model, the full ones (on rank
+    0; every rank must call this)."""
+    if not sharded:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, opt, options=_full_state_options())
+
+
+def _model_state(model: nn.Module, sharded: bool) -> dict:
+    """``model.state_dict()``; of a sharded model, the full one (on rank 0; every rank must
+    call this)."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_state_options())
+
+
+def _load_state_dicts(model: nn.Module, opt, state: dict, sharded: bool, path: Path) -> None:
+    if bool(state.get("sharded", False)) != sharded:
+        raise ResultFileError(
+            f"{path} was written by a run {'with' if state.get('sharded') else 'without'} "
+            f"--fsdp: resume it the same way, or delete it to restart this run"
+        )
+    if not sharded:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        opt,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def make_optimizer(config: RunConfig, model: nn.Module, l2: float) -> torch.optim.Optimizer:
@@ -251,11 +316,13 @@ def train(
     device: str = "cpu",
     show_progress: bool = True,
     save_model: bool = False,
+    fsdp: bool = False,
 ) -> dict:
     """Run (or resume, or reuse) one configuration; returns its record (also in ``out``).
 
     ``save_model`` keeps the trained weights, ``model.state_dict()``, in ``<name>.model.pt``
-    next to the record (:func:`trained_model` reads them back)."""
+    next to the record (:func:`trained_model` reads them back). ``fsdp``: shard the model
+    over the ranks with FSDP2 instead of replicating it (see the module docstring)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result_path, ckpt_path = out / f"{config.name()}.json", out / f"{config.name()}.ckpt"
@@ -264,6 +331,11 @@ def train(
     if not isinstance(config.accumulate, int) or config.accumulate < 1:
         raise ValueError(f"accumulate must be a positive integer, got {config.accumulate!r}")
     ranks, device = ranks_from_environment(device)
+    if fsdp and ranks.world < 2:
+        raise ValueError(
+            "--fsdp shards the model over the processes of torchrun: run it as "
+            "torchrun --nproc-per-node N hesscale train --fsdp ... with N >= 2"
+        )
     problem = get_problem(config.problem)
     if splits is None:
         splits = splits_for(problem.dataset, data_dir, download, problem.context, config.text_file)
@@ -271,25 +343,31 @@ def train(
     batch_size = config.batch_size or problem.batch_size
 
     torch.manual_seed(config.seed)
-    model = hesscale.extend(build_network(problem, config.padding).to(device))
+    model = build_network(problem, config.padding).to(device)
+    model = hesscale.extend(shard(model) if fsdp else model)
     loss_fn = hesscale.extend(nn.CrossEntropyLoss())
-    net = nn.parallel.DistributedDataParallel(model) if ranks.world > 1 else model
+    replicated = ranks.world > 1 and not fsdp
+    net = nn.parallel.DistributedDataParallel(model) if replicated else model
     opt = make_optimizer(config, model, l2)
     curves, start_epoch, status, elapsed = _empty_curves(), 0, "running", 0.0
     if ckpt_path.exists():
         state = _load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        _load_state_dicts(model, opt, state, fsdp, ckpt_path)
         _set_rng_state(state["rng"][ranks.rank], device)
         curves, start_epoch, elapsed = state["curves"], state["epoch"], state["elapsed"]
 
     def record_evaluation(epoch: int) -> None:
+        if not ranks.lead and not fsdp:  # a sharded model's forward needs every rank
+            return
+        results = {
+            split: evaluate(model, loss_fn, getattr(splits, split), splits.augment, device)
+            for split in METRICS
+        }
         if not ranks.lead:
             return
         curves["epoch"].append(epoch)
         curves["time"].append(elapsed)
-        for split in METRICS:
-            loss, acc = evaluate(model, loss_fn, getattr(splits, split), splits.augment, device)
+        for split, (loss, acc) in results.items():
             curves[f"{split}_loss"].append(loss)
             curves[f"{split}_acc"].append(acc)
 
@@ -331,15 +409,17 @@ def train(
             break
         record_evaluation(epoch + 1)
         rng = ranks.gather(_rng_state(device))
+        model_state, optimizer_state = _state_dicts(model, opt, fsdp)
         if ranks.lead:
             _atomic_torch_save(
                 {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
+                    "model": model_state,
+                    "optimizer": optimizer_state,
                     "rng": rng,
                     "curves": curves,
                     "epoch": epoch + 1,
                     "elapsed": elapsed,
+                    "sharded": fsdp,
                 },
                 ckpt_path,
             )
@@ -361,11 +441,13 @@ def train(
         "curves": curves,
         "seconds_per_epoch": elapsed / epochs_done,
         "processes": ranks.world,
+        "sharded": fsdp,
         "environment": environment_record(),
     }
+    weights = _model_state(model, fsdp) if save_model else None
     if ranks.lead:
         if save_model:
-            _atomic_torch_save(model.state_dict(), out / f"{config.name()}.model.pt")
+            _atomic_torch_save(weights, out / f"{config.name()}.model.pt")
         atomic_write_json(result_path, record)
         ckpt_path.unlink(missing_ok=True)
     ranks.barrier()

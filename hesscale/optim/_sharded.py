@@ -64,12 +64,15 @@ def rank_sums(params: list[Tensor]) -> RankSums | None:
     sharded = [is_sharded(p) for p in params]
     if not any(sharded):
         return None
-    meshes = {id(p.device_mesh): p.device_mesh for p, s in zip(params, sharded) if s}
+    meshes = []  # equal meshes (fully_shard without mesh= makes one per call) count once
+    for p, s in zip(params, sharded):
+        if s and not any(p.device_mesh == mesh for mesh in meshes):
+            meshes.append(p.device_mesh)
     if len(meshes) > 1:
         raise ValueError(
             "the optimizer's parameters are sharded over several device meshes; one optimizer "
             "steps the parameters of one FSDP mesh"
         )
-    (mesh,) = meshes.values()
+    (mesh,) = meshes
     device = next(local(p).device for p, s in zip(params, sharded) if s)
     return RankSums(sharded, mesh.get_group(), device)
