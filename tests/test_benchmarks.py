@@ -127,3 +127,26 @@ def test_the_hand_written_floor_computes_the_engines_numbers(network):
     for (name, p), q in zip(model.named_parameters(), engine.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=f"gradient of {name}")
         torch.testing.assert_close(by_hand.estimates[p], estimates[name], msg=f"estimate of {name}")
+
+
+def test_fsdp_cost_runs_two_processes_and_shards_the_state(tmp_path):
+    import subprocess
+
+    out = tmp_path / "fsdp.json"
+    subprocess.run(
+        [sys.executable, str(BENCHMARKS / "fsdp_cost.py"), "--layers", "1", "--width", "16"]
+        + ["--context", "8", "--vocab", "20", "--batch", "4", "--rounds", "1", "--json", str(out)],
+        check=True,
+        timeout=300,
+    )
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        "FSDP AdamW",
+        "FSDP AdaHesScale",
+        "FSDP AdaHesScale, update_every=10",
+        "DDP AdamW",
+        "DDP AdaHesScale",
+    }
+    # each of 2 ranks holds about half of what a DDP rank holds (padding aside)
+    ratio = rows["FSDP AdaHesScale"]["state_mb"] / rows["DDP AdaHesScale"]["state_mb"]
+    assert 0.45 < ratio < 0.6
