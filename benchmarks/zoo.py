@@ -243,10 +243,11 @@ def table(records: list[dict]) -> str:
     for r in records:
         why = r.get("operation") or r.get("reason") or ""
         head = f"{r['head_error']:.1e}" if r.get("head_error") is not None else ""
+        times = [r.get(f"{m}_time_ratio") for m in ("hesscale", "hesscale_gn")]
+        times = [f"{t:.2f}x" if t is not None else "" for t in times]
         lines.append(
             f"| {r['zoo']} | {r['model']} | {r.get('params', 0) / 1e6:.1f}M | {r['status']} | "
-            f"{why[:60]} | {head} | {r.get('hesscale_time_ratio', float('nan')):.2f}x | "
-            f"{r.get('hesscale_gn_time_ratio', float('nan')):.2f}x |"
+            f"{why[:60]} | {head} | {times[0]} | {times[1]} |"
         )
     return "\n".join(lines)
 
