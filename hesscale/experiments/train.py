@@ -39,9 +39,10 @@ import hesscale
 from hesscale.optim import OPTIMIZERS, UpdateError
 
 from .._progress import progress
-from .data import Splits, prepare, splits_for
+from .data import Splits, prepare
 from .io import ResultFileError, atomic_write_json, environment_record, read_json
 from .problems import build_network, get_problem
+from .splits import splits_for
 
 DIVERGENCE_THRESHOLD = 1e10
 METRICS = ("train_eval", "valid", "test")

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from hesscale.optim import OPTIMIZERS
 
-from .data import splits_for
 from .io import atomic_write_json, environment_record
 from .plots import eps_suffix, plot_tune
 from .problems import get_problem
+from .splits import splits_for
 from .train import RunConfig, train
 
 BETA1S = (0.0, 0.9)
