@@ -310,6 +310,7 @@ def main(argv=None) -> None:
     results = []
     for name in args.tasks:
         task = text_task(args) if name == TEXT_TASK else image_task(name, args)
+        _same_settings(out / name / "settings.json", args, name)
         records = []
         for seed in args.seeds:
             for method in args.methods:
@@ -343,6 +344,25 @@ def main(argv=None) -> None:
         out / "laplace_redux.json",
         {"arguments": vars(args), "results": results, "environment": environment_record()},
     )
+
+
+def _same_settings(path: Path, args, name: str) -> None:
+    """A rerun resumes only the run it continues: the settings that change a task's numbers
+    are written with its first result, and a rerun with others is refused."""
+    keys = ("epochs", "lr", "fit_examples", "test_examples", "jacobian_batch")
+    settings = {k: getattr(args, k) for k in keys}
+    if name != TEXT_TASK:
+        settings["angles"] = list(args.angles)
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != settings:
+            changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+            raise SystemExit(
+                f"{path.parent} holds results of other settings ({changed}, before → now): "
+                "pass another --out, or delete it to start again"
+            )
+    else:
+        atomic_write_json(path, settings)
 
 
 def _print(name, summary, fits, shifts) -> None:

@@ -266,3 +266,24 @@ def test_hugging_face_models_take_their_dict_inputs():
     last_layer = Laplace(model, "classification", hessian_structure="diag", backend=HesScaleBackend)
     with pytest.raises(ValueError, match="subset_of_weights='all'"):
         last_layer.fit(Loader(data))  # its last layer's output is pooled afterwards
+
+
+def test_the_readme_snippet_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "HesScaleBackend" in b
+    )
+    torch.manual_seed(0)
+    model = _mlp(6)
+    loader = _loader("classification", n=24, batch_size=8)
+    namespace = {
+        "model": model,
+        "train_loader": loader,
+        "x": torch.randn(5, 3, dtype=torch.float64),
+    }
+    exec(compile(block, "README Laplace snippet", "exec"), namespace)
+    probs = namespace["probs"]
+    assert probs.shape == (5, 4) and torch.allclose(probs.sum(-1), torch.ones(5, dtype=probs.dtype))

@@ -145,3 +145,7 @@ def test_laplace_redux_runs_on_the_play_task(tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in (out / "shakespeare_kinds").glob("**/*.json")}
     module.main([*args, "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     assert stamp == {p: p.stat().st_mtime_ns for p in stamp}
+    # other settings would mix their numbers with these: refused, naming what changed
+    with pytest.raises(SystemExit, match="test_examples"):
+        other = [*args[:6], "--fit-examples", "64", "--test-examples", "8", "--methods", "MAP"]
+        module.main([*other, "--data-dir", str(tmp_path / "data"), "--out", str(out)])
