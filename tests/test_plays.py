@@ -73,6 +73,9 @@ def test_splits_hold_out_whole_plays_and_label_every_passage(tmp_path):
     assert len(splits.train[0]) + len(splits.valid[0]) + len(splits.test[0]) == seen
     assert len(splits.held_out[0]) == sum(count[name] for name in HELD_OUT)
     assert set(splits.held_out[1].tolist()) == set(range(len(KINDS)))
+    # shuffled: the first few passages of each set already hold every kind
+    for _, y in (splits.train, splits.test, splits.held_out):
+        assert set(y[:40].tolist()) == set(range(len(KINDS)))
     for x, y in (splits.train, splits.held_out):  # each passage carries its own play's kind
         history = x[y == KINDS.index("history")]
         letters = set(bytes(history.flatten().tolist()).decode())

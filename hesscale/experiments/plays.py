@@ -103,7 +103,8 @@ def play_splits(
     data_dir=None, length: int = 64, seed: int = 0, download_missing: bool = False
 ) -> PlaySplits:
     """Passages of every play labelled by kind; the training plays' passages shuffled and cut
-    80/10/10 into training, validation and test sets, the held-out plays' kept apart."""
+    80/10/10 into training, validation and test sets, the held-out plays' shuffled and kept
+    apart (shuffled, so that any first ``n`` of either is a sample of every kind)."""
     texts = read_play_texts(data_dir, download_missing)
     seen, unseen = ([], []), ([], [])
     for label, kind in enumerate(KINDS):
@@ -112,16 +113,19 @@ def play_splits(
             target = unseen if name in HELD_OUT else seen
             target[0].append(x)
             target[1].append(torch.full((len(x),), label))
+    gen = torch.Generator().manual_seed(seed)
     x, y = torch.cat(seen[0]), torch.cat(seen[1])
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(x), generator=gen)
     x, y = x[order], y[order]
+    held_x, held_y = torch.cat(unseen[0]), torch.cat(unseen[1])
+    held = torch.randperm(len(held_x), generator=gen)
     n_valid = n_test = len(x) // 10
     n_train = len(x) - n_valid - n_test
     return PlaySplits(
         train=(x[:n_train], y[:n_train]),
         valid=(x[n_train : n_train + n_valid], y[n_train : n_train + n_valid]),
         test=(x[n_train + n_valid :], y[n_train + n_valid :]),
-        held_out=(torch.cat(unseen[0]), torch.cat(unseen[1])),
+        held_out=(held_x[held], held_y[held]),
     )
 
 
