@@ -17,7 +17,8 @@ the linearised network's (GLM) with the probit approximation (sampling the weigh
 all-weight diagonal posterior, ``pred_type="nn"``, ruins the predictions: Immer et al. 2021),
 and the seconds each fit took. A backend that refuses a network is recorded with its reason.
 One JSON per (task, seed, method), written atomically (a rerun resumes); ``laplace_redux.json``
-and one figure per task, ``<task>.png``.
+and the table ``laplace_redux.md`` over every task run into ``--out``, and one figure per task,
+``<task>.png``.
 
     python benchmarks/laplace_redux.py [--tasks fmnist_mlp fmnist_2c2d fmnist_resnet
         shakespeare_kinds] [--seeds 0 1 2] [--epochs 5] [--fit-examples 50000]
@@ -334,16 +335,56 @@ def main(argv=None) -> None:
         results.append(
             {
                 "task": name,
+                "seeds": sorted({r["seed"] for r in records}),
+                "settings": json.loads((out / name / "settings.json").read_text()),
                 "summary": summary,
                 "fit_seconds": fit_means,
                 "refused": {r["method"]: r["reason"] for r in records if "reason" in r},
             }
         )
         _print(name, summary, fit_means, list(task.shifts))
-    atomic_write_json(
-        out / "laplace_redux.json",
-        {"arguments": vars(args), "results": results, "environment": environment_record()},
+    # the tasks of earlier invocations stay in the summary files beside this one's
+    path = out / "laplace_redux.json"
+    earlier = json.loads(path.read_text())["results"] if path.exists() else []
+    names = {r["task"] for r in results}
+    order = [*IMAGE_TASKS, TEXT_TASK]
+    merged = sorted(
+        [r for r in earlier if r["task"] not in names] + results,
+        key=lambda r: order.index(r["task"]),
     )
+    atomic_write_json(path, {"results": merged, "environment": environment_record()})
+    tmp = out / "laplace_redux.md.tmp"
+    tmp.write_text(table(merged))
+    os.replace(tmp, out / "laplace_redux.md")
+
+
+def table(results: list[dict]) -> str:
+    """Per task, one row per method: the fit's seconds; accuracy, NLL and ECE without shift;
+    NLL and ECE under the largest shift; the NLL averaged over all test sets."""
+    lines = []
+    for r in results:
+        shifts = list(next(iter(r["summary"].values())))
+        first, last = shifts[0], shifts[-1]
+        lines += [
+            f"**{r['task']}** (seeds {', '.join(map(str, r['seeds']))}; {r['settings']})",
+            "",
+            f"| method | fit (s) | accuracy | NLL | ECE | NLL {last} | ECE {last} | NLL, mean |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method, per_shift in r["summary"].items():
+            a, b = per_shift[first], per_shift[last]
+            mean_nll = statistics.fmean(per_shift[s]["nll"][0] for s in shifts)
+            fit = r["fit_seconds"].get(method)
+            lines.append(
+                f"| {method} | {'' if fit is None else f'{fit:.1f}'} | "
+                f"{a['accuracy'][0]:.3f} | {a['nll'][0]:.3f} ± {a['nll'][1]:.3f} | "
+                f"{a['ece'][0]:.3f} | {b['nll'][0]:.3f} ± {b['nll'][1]:.3f} | "
+                f"{b['ece'][0]:.3f} | {mean_nll:.3f} |"
+            )
+        for method, reason in r["refused"].items():
+            lines.append(f"| {method} | refused: {reason.splitlines()[-1][:90]} | | | | | | |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _same_settings(path: Path, args, name: str) -> None:

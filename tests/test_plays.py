@@ -144,6 +144,8 @@ def test_laplace_redux_runs_on_the_play_task(tmp_path):
             assert all(torch.isfinite(torch.tensor(v[0])) for v in metrics.values())
     assert result["fit_seconds"]["Diag HesScaleGN (hesscale)"] > 0
     assert (out / "shakespeare_kinds.png").stat().st_size > 10_000
+    table = (out / "laplace_redux.md").read_text()
+    assert "| Diag HesScaleGN (hesscale) |" in table and "refused" in table
     # a rerun reads every finished (task, seed, method) back instead of fitting again
     stamp = {p: p.stat().st_mtime_ns for p in (out / "shakespeare_kinds").glob("**/*.json")}
     module.main([*args, "--data-dir", str(tmp_path / "data"), "--out", str(out)])
