@@ -154,3 +154,18 @@ def test_laplace_redux_runs_on_the_play_task(tmp_path):
     with pytest.raises(SystemExit, match="test_examples"):
         other = [*args[:6], "--fit-examples", "64", "--test-examples", "8", "--methods", "MAP"]
         module.main([*other, "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+
+
+def test_laplace_fit_cost_times_the_fits_side_by_side(tmp_path):
+    pytest.importorskip("laplace")
+    _write_plays(tmp_path / "data", words=800)
+    path = Path(__file__).parents[1] / "benchmarks" / "laplace_fit_cost.py"
+    spec = importlib.util.spec_from_file_location("laplace_fit_cost_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    methods = ["LLLA KFAC (default)", "Diag HesScaleGN (hesscale)"]
+    medians = module.main(
+        ["--fit-examples", "64", "--rounds", "1", "--epochs", "1", "--methods", *methods]
+        + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    )
+    assert set(medians) == set(methods) and all(v > 0 for v in medians.values())
