@@ -250,7 +250,7 @@ def plot(task: Task, summary: dict, fits: dict, seeds: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.9))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.6))
     labels = {"accuracy": "accuracy ↑", "nll": "NLL ↓", "ece": "ECE ↓", "brier": "Brier ↓"}
     shifts = list(task.shifts)
     xs = range(len(shifts))
@@ -274,12 +274,14 @@ def plot(task: Task, summary: dict, fits: dict, seeds: int, path: Path) -> None:
         ax.set_xlabel(task.shift_axis)
         ax.set_title(labels[metric])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, labels_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels_, loc="lower center", ncol=min(len(handles), 4), fontsize=8)
     fig.suptitle(
         f"{task.name}: Laplace approximations under dataset shift (mean ± std over {seeds} "
         "seeds; fit: seconds for the curvature of the fitted examples)"
     )
-    fig.tight_layout()
+    rows = -(-len(summary) // 4)  # legend rows below the panels
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 1))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
