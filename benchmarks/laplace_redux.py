@@ -8,8 +8,8 @@ tragedy (:mod:`hesscale.experiments.plays`), on held-out passages of the trainin
 passages of three plays it never saw, and on passages with 10 % and 30 % of their bytes
 replaced. For each task and seed: the MAP network (Adam; reused when trained before), then
 Laplace approximations fitted on ``--fit-examples`` training examples — laplace-torch's exact
-GGN diagonal (BackPACK; torch.func Jacobians through its curvlinops backend on the
-transformer, which BackPACK refuses), its empirical-Fisher diagonal (BackPACK), KFAC
+GGN diagonal (BackPACK; torch.func Jacobians through its curvlinops backend on the ResNet
+and the transformer, which BackPACK refuses), its empirical-Fisher diagonal (BackPACK), KFAC
 (curvlinops), its recommended default last-layer KFAC, and hesscale's backend with HesScaleGN
 and GGN-MC — each with the prior precision that maximises the marginal likelihood. On each
 shifted test set: accuracy, NLL, ECE and Brier score with laplace-torch's default predictive,
@@ -102,6 +102,7 @@ class Task:
     shift_axis: str
     map_network: Callable[[int], nn.Module]
     exact_backend: str = "BackPackGGN"
+    exact_loader: DataLoader | None = None  # smaller batches for torch.func's Jacobians
 
 
 def image_task(name: str, args) -> Task:
@@ -122,7 +123,13 @@ def image_task(name: str, args) -> Task:
         )
         return trained_model(config, Path(args.out) / "map", splits, show_progress=False)[0]
 
-    return Task(name, loader, shifts, "rotation of the test images", network)
+    # BackPACK runs nn.Sequential networks only: the ResNet's exact GGN diagonal comes from
+    # torch.func Jacobians (laplace-torch's GGN interface under its curvlinops backend)
+    exact, exact_loader = "BackPackGGN", None
+    if name == "fmnist_resnet":  # (batch, classes, parameters) Jacobians and their graphs
+        exact = "CurvlinopsGGN"
+        exact_loader = DataLoader(loader.dataset, batch_size=16)
+    return Task(name, loader, shifts, "rotation of the test images", network, exact, exact_loader)
 
 
 def text_task(args) -> Task:
@@ -207,7 +214,8 @@ def run_method(name, model, task: Task, args, laplace, backends) -> dict:
             backend_kwargs=dict(kwargs),
         )
         start = time.perf_counter()
-        la.fit(task.fit_loader)
+        exact = name == "Diag GGN (exact)" and task.exact_loader is not None
+        la.fit(task.exact_loader if exact else task.fit_loader)
         record["fit_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         la.optimize_prior_precision(method="marglik")
