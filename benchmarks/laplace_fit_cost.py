@@ -12,6 +12,7 @@ now). Prints seconds per method and their ratio to hesscale's HesScaleGN backend
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import statistics
 import sys
@@ -60,7 +61,7 @@ def main(argv=None) -> dict:
             if method == "Diag GGN (exact)":
                 backend = task.exact_backend
             la = laplace.Laplace(
-                model,
+                copy.deepcopy(model),  # BackPACK leaves its hooks on the model it extends
                 "classification",
                 subset_of_weights=subset,
                 hessian_structure=structure,
