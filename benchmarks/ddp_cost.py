@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import hesscale
 from hesscale.experiments.networks import fig2b_network
-from hesscale.experiments.timing import interleaved_times
+from hesscale.experiments.timing import interleaved_times, spawn_on_free_port
 from hesscale.optim import AdaHesScale, AdaHesScaleGN
 
 
@@ -90,10 +88,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and torch.cuda.device_count() < args.processes:
         parser.error(f"--device cuda needs a GPU per process ({torch.cuda.device_count()} found)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args, port), nprocs=args.processes, join=True)
+    spawn_on_free_port(worker, (args,), args.processes)
 
 
 if __name__ == "__main__":

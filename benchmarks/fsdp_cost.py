@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import hesscale
 from hesscale.experiments.io import atomic_write_json, environment_record
 from hesscale.experiments.networks import GPT
-from hesscale.experiments.timing import interleaved_times, peak_memory
+from hesscale.experiments.timing import interleaved_times, peak_memory, spawn_on_free_port
 from hesscale.optim import AdaHesScale
 
 CONFIGS = {  # name: (sharded, optimizer, update_every)
@@ -186,10 +184,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and torch.cuda.device_count() < args.processes:
         parser.error(f"--device cuda needs a GPU per process ({torch.cuda.device_count()} found)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args, port), nprocs=args.processes, join=True)
+    spawn_on_free_port(worker, (args,), args.processes)
 
 
 if __name__ == "__main__":

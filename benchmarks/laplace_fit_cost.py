@@ -57,19 +57,10 @@ def main(argv=None) -> dict:
     seconds = {m: [] for m in args.methods}
     for _ in range(args.rounds):
         for method in args.methods:
-            subset, structure, backend, kwargs = redux.METHODS[method]
-            if method == "Diag GGN (exact)":
-                backend = task.exact_backend
-            la = laplace.Laplace(
-                copy.deepcopy(model),  # BackPACK leaves its hooks on the model it extends
-                "classification",
-                subset_of_weights=subset,
-                hessian_structure=structure,
-                backend=backends[backend],
-                backend_kwargs=dict(kwargs),
-            )
+            # a fresh copy each time: BackPACK leaves its hooks on the model it extends
+            la, loader = redux.laplace_of(method, copy.deepcopy(model), task, laplace, backends)
             start = time.perf_counter()
-            la.fit(task.fit_loader)
+            la.fit(loader)
             seconds[method].append(time.perf_counter() - start)
     medians = {m: statistics.median(v) for m, v in seconds.items()}
     reference = medians.get("Diag HesScaleGN (hesscale)")

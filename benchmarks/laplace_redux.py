@@ -29,13 +29,13 @@ and the table ``laplace_redux.md`` over every task run into ``--out``, and one f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,17 +66,14 @@ TEXT_TASK = "shakespeare_kinds"
 
 
 def _import_laplace():
-    """laplace-torch imports torchvision; this machine's torchvision wheel (the one that keeps
-    the CPU torch) registers CUDA operators at import, which fails on the CPU build, so that one
-    module is replaced first (as benchmarks/zoo.py does; never in the library)."""
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:
-        for name in [n for n in sys.modules if n.startswith("torchvision")]:
-            del sys.modules[name]
-        sys.modules["torchvision._meta_registrations"] = types.ModuleType("stub")
-    except ImportError:
-        pass
+    """laplace-torch and the backends by name. laplace-torch imports torchvision, whose wheel
+    on this machine needs benchmarks/zoo.py's workaround first (never in the library)."""
+    path = Path(__file__).resolve().parent / "zoo.py"
+    spec = importlib.util.spec_from_file_location("benchmark_zoo", path)
+    zoo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = zoo
+    spec.loader.exec_module(zoo)
+    zoo.import_torchvision()
     import laplace
     import laplace.curvature
 
@@ -194,28 +191,37 @@ def evaluate(predict, shifts: dict, batch: int) -> dict:
     return metrics
 
 
+def laplace_of(name: str, model, task: Task, laplace, backends):
+    """The unfitted Laplace approximation of ``METHODS[name]`` and the loader to fit it on (the
+    exact diagonal's own backend and, where torch.func builds its Jacobians, smaller batches)."""
+    subset, structure, backend, kwargs = METHODS[name]
+    loader = task.fit_loader
+    if name == "Diag GGN (exact)":
+        backend = task.exact_backend
+        loader = task.exact_loader or loader
+    la = laplace.Laplace(
+        model,
+        "classification",
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        backend=backends[backend],
+        backend_kwargs=dict(kwargs),
+    )
+    return la, loader
+
+
 def run_method(name, model, task: Task, args, laplace, backends) -> dict:
     record = {"method": name}
     model.eval()
     if name == "MAP":
         record["shifts"] = evaluate(_predictive(None, model), task.shifts, 500)
         return record
-    subset, structure, backend, kwargs = METHODS[name]
-    if name == "Diag GGN (exact)":
-        backend = task.exact_backend
-    record["backend"] = backend
+    exact = name == "Diag GGN (exact)"
+    record["backend"] = task.exact_backend if exact else METHODS[name][2]
     try:
-        la = laplace.Laplace(
-            model,
-            "classification",
-            subset_of_weights=subset,
-            hessian_structure=structure,
-            backend=backends[backend],
-            backend_kwargs=dict(kwargs),
-        )
+        la, loader = laplace_of(name, model, task, laplace, backends)
         start = time.perf_counter()
-        exact = name == "Diag GGN (exact)" and task.exact_loader is not None
-        la.fit(task.exact_loader if exact else task.fit_loader)
+        la.fit(loader)
         record["fit_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         la.optimize_prior_precision(method="marglik")
@@ -226,7 +232,7 @@ def run_method(name, model, task: Task, args, laplace, backends) -> dict:
         record["reason"] = "".join(traceback.format_exception_only(error)).strip()[:400]
         return record
     record["status"] = "fitted"
-    batch = 500 if subset == "last_layer" else args.jacobian_batch  # Jacobians: (B, C, P)
+    batch = 500 if METHODS[name][0] == "last_layer" else args.jacobian_batch  # Jacobians: (B, C, P)
     record["shifts"] = evaluate(_predictive(la, model), task.shifts, batch)
     return record
 

@@ -37,15 +37,16 @@ from hesscale.experiments.io import environment_record
 METHODS = ("hesscale", "hesscale_gn")
 
 
-def import_zoos():
-    """``(torchvision.models, timm)`` (None for what is not installed).
+def import_torchvision():
+    """``torchvision``, or None where it is not installed.
 
     The torchvision wheel that keeps this project's CPU torch (0.28.0, which pins torch 2.13.0)
     ships operators compiled for CUDA; importing it on the CPU build fails while registering
     them in ``torchvision._meta_registrations`` ("operator torchvision::nms does not exist").
     The models are plain Python and need none of those operators, so that one module is
-    replaced by an empty one before the import. A workaround for this script and the tests'
-    fixtures only, never for the library. timm imports torchvision, so it needs the same.
+    replaced by an empty one before the import. A workaround for the benchmarks and the tests'
+    fixtures only, never for the library. timm and laplace-torch import torchvision, so they
+    need the same.
     """
     try:
         import torchvision
@@ -55,7 +56,14 @@ def import_zoos():
         sys.modules["torchvision._meta_registrations"] = types.ModuleType("stub")
         import torchvision
     except ImportError:
-        torchvision = None
+        return None
+    return torchvision
+
+
+def import_zoos():
+    """``(torchvision.models, timm)`` (None for what is not installed; see
+    :func:`import_torchvision`)."""
+    torchvision = import_torchvision()
     try:
         import timm
     except ImportError:

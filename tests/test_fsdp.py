@@ -30,7 +30,7 @@ from hesscale.optim import (
     UpdateError,
 )
 
-from .test_scale_out import _exit_worker, _free_port
+from .test_scale_out import _as_torchrun, _exit_worker, _free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 
@@ -456,14 +456,7 @@ def _train_worker(rank, world, port, out, splits):
 
     from hesscale.experiments import train as train_module
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    _as_torchrun(rank, world, port)
     config = train_module.RunConfig(
         problem="fmnist_mlp", optimizer="adahesscalegn", lr=1e-3, epochs=3, batch_size=16
     )

@@ -89,6 +89,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _as_torchrun(rank: int, world: int, port: int) -> None:
+    """The environment ``torchrun`` gives each process, single-threaded."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+
+
 def _ddp_problem(rank, world, port):
     """Join a gloo group; the float64 problem, extended and wrapped in DDP on every rank.
 
@@ -231,14 +243,7 @@ def test_estimates_are_averaged_during_the_backward_pass(tmp_path, scenario):
 def _train_worker(rank, world, port, out, splits):
     from hesscale.experiments.train import RunConfig, train
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    _as_torchrun(rank, world, port)
     config = RunConfig(
         problem="fmnist_mlp", optimizer="adahesscalegn", lr=1e-3, epochs=2, batch_size=16
     )

@@ -91,3 +91,16 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
         key=lambda e: e.time_range.start,
     )
     return max(itertools.accumulate((e.self_cpu_memory_usage for e in events), initial=0))
+
+
+def spawn_on_free_port(worker: Callable, args: tuple, processes: int) -> None:
+    """``worker(rank, *args, port)`` in ``processes`` spawned processes, with a free local
+    port for their process group's rendezvous."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(*args, port), nprocs=processes, join=True)
